@@ -1,0 +1,1 @@
+"""Reproducible runs, benchmarks, results tables and plots. Run a module with ``python -m layerroute.experiments.NAME``."""

@@ -1,0 +1,19 @@
+"""layerroute: make a frozen LLM spend the right depth on each input.
+
+Core API: ``load_model`` loads a frozen causal LM, ``Route`` says which blocks a sample runs,
+and ``RouteExecutor`` runs the model along per-sample routes, exactly.
+"""
+
+from .errors import (FingerprintMismatchError, LayerRouteError, ModelNotFoundError, RouteError,
+                     UnsupportedModelError)
+from .executor import Generation, RouteExecutor, RouteKVCache, RoutedOutput, RouteState
+from .models import DEFAULT_MODEL, ModelFingerprint, decoder_stack, load_model, model_fingerprint
+from .route import Route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL", "FingerprintMismatchError", "Generation", "LayerRouteError", "ModelFingerprint",
+    "ModelNotFoundError", "Route", "RouteError", "RouteExecutor", "RouteKVCache", "RouteState", "RoutedOutput",
+    "UnsupportedModelError", "decoder_stack", "load_model", "model_fingerprint",
+]

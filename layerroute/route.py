@@ -1,0 +1,237 @@
+"""The route format: which blocks a sample runs, in which order.
+
+A ``Route`` is a chain of block indices (the CoLa space): blocks may be skipped, repeated
+and reordered. The Dr.LLM space, one ``skip | execute | repeat`` action per layer, is the
+subset of chains that run layers in order; ``Route.from_actions`` and ``Route.actions``
+convert between the two. A route carries the fingerprint of the model it was made for, and
+running or loading it against another model is refused.
+
+Short specs (``Route.parse``), joined with ``+``::
+
+    identity                 every block once, in order
+    skip:20-24               drop blocks 20..24 (inclusive); lists like skip:3,5,7-9 work too
+    repeat:10                run block 10 twice in a row; repeat:10x3 runs it three times
+    chain:0-9,9,10-29        an explicit chain of block indices
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RouteError
+from .models import ModelFingerprint
+
+FORMAT_VERSION = 1
+ACTIONS = ("skip", "execute", "repeat")
+
+
+@dataclass(frozen=True)
+class Route:
+    """An executable chain of block indices for one model."""
+
+    layers: tuple[int, ...]
+    fingerprint: ModelFingerprint
+
+    def __post_init__(self):
+        layers = tuple(int(i) for i in self.layers)
+        object.__setattr__(self, "layers", layers)
+        n = self.fingerprint.num_layers
+        if not layers:
+            raise RouteError("empty route: a route must execute at least one block")
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise RouteError(f"layer index {bad[0]} is out of range: {self.fingerprint.describe()} has blocks 0..{n - 1}")
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def identity(cls, fingerprint: ModelFingerprint) -> Route:
+        return cls(tuple(range(fingerprint.num_layers)), fingerprint)
+
+    @classmethod
+    def from_actions(cls, actions: Sequence[str | int], fingerprint: ModelFingerprint, repeat_times: int = 2) -> Route:
+        """Dr.LLM space: one action per layer.
+
+        An action is ``"skip"``/``0``, ``"execute"``/``1`` or ``"repeat"``/``2`` (``repeat_times``
+        passes). An integer ``k > 2`` runs the layer ``k`` times in a row.
+        """
+        if len(actions) != fingerprint.num_layers:
+            raise RouteError(f"got {len(actions)} actions but {fingerprint.describe()} needs one per layer")
+        counts = []
+        for i, a in enumerate(actions):
+            if isinstance(a, str):
+                if a not in ACTIONS:
+                    raise RouteError(f"unknown action {a!r} at layer {i}; use one of {', '.join(ACTIONS)}")
+                counts.append({"skip": 0, "execute": 1, "repeat": repeat_times}[a])
+            elif isinstance(a, int) and not isinstance(a, bool) and a >= 0:
+                counts.append(repeat_times if a == 2 else a)
+            else:
+                raise RouteError(f"unknown action {a!r} at layer {i}; use skip/execute/repeat or a pass count >= 0")
+        return cls(tuple(i for i, c in enumerate(counts) for _ in range(c)), fingerprint)
+
+    @classmethod
+    def parse(cls, spec: str, fingerprint: ModelFingerprint) -> Route:
+        """Build a route from a short spec (see the module docstring)."""
+        n = fingerprint.num_layers
+        counts = [1] * n
+        chain = None
+        for part in filter(None, (p.strip() for p in spec.split("+"))):
+            op, _, arg = part.partition(":")
+            op = op.strip().lower()
+            if op in ("identity", "full", "all") and not arg:
+                continue
+            if op == "skip":
+                for i in _indices(arg, n, part):
+                    counts[i] = 0
+            elif op == "repeat":
+                idx, _, times = arg.partition("x")
+                k = _int(times, part) if times else 2
+                if k < 2:
+                    raise RouteError(f"{part!r}: a repeat runs a block at least twice")
+                for i in _indices(idx, n, part):
+                    counts[i] = k
+            elif op == "chain":
+                chain = _indices(arg, n, part, allow_repeats=True)
+            else:
+                raise RouteError(f"unknown route action {op!r} in {spec!r}; use identity, skip:, repeat: or chain:")
+        if chain is not None:
+            if counts != [1] * n:
+                raise RouteError(f"{spec!r}: chain: cannot be combined with skip: or repeat:")
+            return cls(tuple(chain), fingerprint)
+        return cls(tuple(i for i, c in enumerate(counts) for _ in range(c)), fingerprint)
+
+    # ---- views ----------------------------------------------------------------------------
+    @property
+    def cost(self) -> int:
+        """Block executions per token."""
+        return len(self.layers)
+
+    @property
+    def is_monotone(self) -> bool:
+        """True when the route runs blocks in order (the Dr.LLM space)."""
+        return all(a <= b for a, b in zip(self.layers, self.layers[1:]))
+
+    def counts(self) -> list[int]:
+        """How many times each block runs."""
+        out = [0] * self.fingerprint.num_layers
+        for i in self.layers:
+            out[i] += 1
+        return out
+
+    def actions(self) -> list[str]:
+        """Dr.LLM labels per layer (skip/execute/repeat); only for in-order routes."""
+        if not self.is_monotone:
+            raise RouteError(f"route {self.layers} reorders blocks, so it has no per-layer action form")
+        return [ACTIONS[min(c, 2)] for c in self.counts()]
+
+    def flops(self, num_tokens: int) -> float:
+        """Estimated forward FLOPs of the executed blocks over a causal prompt of ``num_tokens``.
+
+        Per block: 2 x parameters x tokens for the matmuls, plus 2 x T^2 x hidden for the
+        causal attention scores and weighted values. Embedding and LM head are not counted.
+        """
+        fp = self.fingerprint
+        if not fp.block_params:
+            raise RouteError("this route's fingerprint has no block size, so FLOPs cannot be estimated")
+        t = num_tokens
+        return float(self.cost * (2 * fp.block_params * t + 2 * t * t * fp.hidden_size))
+
+    def describe(self) -> str:
+        counts = self.counts()
+        skipped = [i for i, c in enumerate(counts) if c == 0]
+        repeated = [i for i, c in enumerate(counts) if c > 1]
+        order = "in order" if self.is_monotone else "reordered"
+        return (f"{self.cost} block executions of {self.fingerprint.num_layers} ({order}); "
+                f"skipped {_ranges(skipped) or 'none'}; repeated {_ranges(repeated) or 'none'}")
+
+    # ---- serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": "layerroute.route", "version": FORMAT_VERSION, "layers": list(self.layers),
+                "model": self.fingerprint.to_dict()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict, fingerprint: ModelFingerprint | None = None) -> Route:
+        """Rebuild a route; with ``fingerprint``, refuse one made for another model."""
+        if not isinstance(data, dict) or data.get("format") != "layerroute.route":
+            raise RouteError("not a layerroute route (missing \"format\": \"layerroute.route\")")
+        if data.get("version", 0) > FORMAT_VERSION:
+            raise RouteError(f"route format version {data['version']} is newer than this layerroute "
+                             f"({FORMAT_VERSION}); upgrade layerroute")
+        saved = ModelFingerprint.from_dict(data.get("model") or {})
+        if fingerprint is not None:
+            saved.check_matches(fingerprint)
+            saved = fingerprint
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise RouteError(f"route layers must be a list of integers, got {layers!r}")
+        return cls(tuple(layers), saved)
+
+    @classmethod
+    def load(cls, path: str | Path, fingerprint: ModelFingerprint | None = None) -> Route:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise RouteError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, fingerprint)
+
+
+def resolve_route(spec: str | Route | None, fingerprint: ModelFingerprint) -> Route:
+    """A Route from a Route, a JSON file path, a short spec, or None (identity)."""
+    if spec is None:
+        return Route.identity(fingerprint)
+    if isinstance(spec, Route):
+        spec.fingerprint.check_matches(fingerprint)
+        return spec
+    if spec.endswith(".json") or Path(spec).is_file():
+        if not Path(spec).is_file():
+            raise RouteError(f"route file {spec} does not exist")
+        return Route.load(spec, fingerprint)
+    return Route.parse(spec, fingerprint)
+
+
+def _int(text: str, part: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise RouteError(f"{part!r}: {text!r} is not an integer") from None
+
+
+def _indices(arg: str, n: int, part: str, allow_repeats: bool = False) -> list[int]:
+    if not arg.strip():
+        raise RouteError(f"{part!r} names no layers")
+    out: list[int] = []
+    for item in arg.split(","):
+        m = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", item)
+        if not m:
+            raise RouteError(f"{part!r}: cannot read {item!r}; use indices like 3 or ranges like 20-24")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise RouteError(f"{part!r}: range {lo}-{hi} is backwards")
+        for i in range(lo, hi + 1):
+            if not 0 <= i < n:
+                raise RouteError(f"layer index {i} in {part!r} is out of range: the model has blocks 0..{n - 1}")
+            out.append(i)
+    if not allow_repeats and len(set(out)) != len(out):
+        raise RouteError(f"{part!r} names a layer twice")
+    return out
+
+
+def _ranges(idx: list[int]) -> str:
+    """[1,2,3,7] -> '1-3,7'."""
+    parts, start = [], None
+    for a, b in zip(idx, idx[1:] + [None]):
+        start = a if start is None else start
+        if b != a + 1:
+            parts.append(f"{start}-{a}" if a != start else str(a))
+            start = None
+    return ",".join(parts)

@@ -1,0 +1,1 @@
+"""Tasks: datasets, prompts and scoring."""

@@ -1,0 +1,1 @@
+"""RL policy networks and the common routing-policy interface (planned)."""

@@ -1,0 +1,1 @@
+"""Route search: static baselines, MCTS, Optuna and PPO drivers, and Ray."""

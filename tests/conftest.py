@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-weight models of every supported family, and SmolLM2-135M."""
+
+import pytest
+import torch
+import transformers as tf
+
+from layerroute import RouteExecutor
+
+# Small enough to be fast; sliding windows shorter than the test prompts so window masks matter.
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, head_dim=16)
+FAMILIES = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=5, max_window_layers=2)),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {}),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=6)),
+    "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {}),
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(sliding_window=6)),
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(sliding_window=6)),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(pad_token_id=0)),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    model = model_cls(config).eval().requires_grad_(False)
+    # Random init leaves tiny weights; scale up so that routing changes the logits visibly.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2-135M-Instruct (the embedded default), dequantized once into the user cache."""
+    from layerroute import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    return model, tokenizer, RouteExecutor(model)
+
+
+def padded_batch(vocab: int, lengths, total: int, seed: int = 0):
+    """Left-padded random token ids and mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (len(lengths), total), generator=g)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, total - n:] = 1
+        ids[b, : total - n] = 0
+    return ids, mask
