@@ -63,6 +63,106 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name (see `layerroute tasks`), jsonl:PATH or hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument("--fields", default=None, help="for jsonl:/hf: tasks, e.g. question=q,answer=a,choices=options")
+    p.add_argument("--kind", default=None, choices=["choice", "generate", "loglik"], help="for jsonl:/hf: tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits (and generated suites)")
+    p.add_argument("--limit", type=int, default=None, help="score at most N examples of the split")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", default=None, help="directory for results.json and per-sample JSONL")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+
+
+def _task(args):
+    from .tasks import get_task
+
+    options = {"seed": args.seed}
+    if args.fields:
+        options["fields"] = dict(kv.split("=", 1) for kv in args.fields.split(","))
+    if args.kind:
+        options["kind"] = args.kind
+    return get_task(args.task, **options)
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate, prepare_output_dir, write_run
+    from .executor import RouteExecutor
+
+    out = prepare_output_dir(args.output, args.overwrite) if args.output else None
+    task = _task(args)
+    split = task.split(args.split, args.seed)
+    model, tok = _load(args)
+    ex = RouteExecutor(model)
+    if args.baseline:
+        from layerroute.search.baselines import Calibration, baseline_route
+        from .evaluation import limit_examples
+
+        cal = Calibration(ex, tok, task, limit_examples(task.split("search", args.seed).examples, args.calib_limit),
+                          seed=args.seed, batch_size=args.batch_size)
+        route = baseline_route(args.baseline, cal, args.budget)
+    else:
+        route = ex.route(args.route)
+    print(f"route: {route.describe()}", file=sys.stderr)
+    result = evaluate(ex, tok, split, route, batch_size=args.batch_size, limit=args.limit)
+    print(result.summary())
+    if out is not None:
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite", "output")}
+        write_run(out, settings, result, {"route": route.to_dict(), "task_source": task.source})
+        print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+    return 0
+
+
+def cmd_baselines(args) -> int:
+    from pathlib import Path
+
+    from .evaluation import environment, prepare_output_dir
+    from .executor import RouteExecutor
+    from layerroute.search.baselines import BASELINES, format_table, plot_curves, run_baselines
+
+    out = prepare_output_dir(args.output or f"runs/baselines-{args.task.replace(':', '-').replace('/', '-')}",
+                             args.overwrite)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    names = args.baselines.split(",") if args.baselines else list(BASELINES)
+    task = _task(args)
+    model, tok = _load(args)
+    rows = run_baselines(RouteExecutor(model), tok, task, budgets, names, limit=args.limit,
+                         calib_limit=args.calib_limit, seed=args.seed, batch_size=args.batch_size)
+    table = format_table(rows)
+    print(table)
+    plot_curves(rows, out / "baselines.png", f"{args.model} on {args.task} (test split)")
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite", "output")}
+    import json
+
+    (out / "results.json").write_text(json.dumps({"settings": settings, "environment": environment(), "rows": rows},
+                                                 indent=2, sort_keys=True) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    print(f"wrote {Path(out) / 'results.json'}, table.md and baselines.png")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default: routed generation, then baselines on the suite."""
+    from .executor import RouteExecutor
+    from .tasks.prompts import render_prompt
+
+    model, tok = _load(args)
+    ex = RouteExecutor(model)
+    print(f"# {args.model}: {ex.fingerprint.describe()}\n")
+    question = "What is the capital of France?"
+    ids = tok(render_prompt(tok, question), return_tensors="pt", add_special_tokens=False).input_ids
+    print(f"## One prompt along three routes: {question!r}\n")
+    print("| route | blocks | answer |\n|---|---|---|")
+    for spec in ("identity", "skip:20-24", "repeat:10"):
+        out = ex.generate(ids, routes=spec, max_new_tokens=16, eos_token_id=tok.eos_token_id)
+        text = tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
+        print(f"| {spec} | {ex.route(spec).cost} | {text} |")
+    print(f"\n## Static baselines on the generated suite (test split)\n", flush=True)
+    args.task, args.fields, args.kind, args.baselines = "suite", None, None, None
+    args.overwrite = True
+    return cmd_baselines(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerroute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="accuracy, blocks per sample and throughput of a route or baseline on a task")
+    _add_model_args(p)
+    _add_task_args(p)
+    p.add_argument("--split", default="test", choices=["search", "validation", "test", "all"])
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--route", default=None, help="route JSON file or spec (default: identity)")
+    group.add_argument("--baseline", default=None, help="static baseline: unified, drop_last, similarity, greedy, random")
+    p.add_argument("--budget", type=float, default=0.8, help="share of blocks a --baseline may run")
+    p.add_argument("--calib-limit", type=int, default=32, help="calibration examples for --baseline")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("baselines", help="every static baseline at several budgets: table and PNG")
+    _add_model_args(p)
+    _add_task_args(p)
+    p.add_argument("--budgets", default="1.0,0.9,0.8,0.7")
+    p.add_argument("--baselines", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--calib-limit", type=int, default=32, help="calibration examples from the search split")
+    p.set_defaults(func=cmd_baselines)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default model, offline")
+    _add_model_args(p)
+    p.add_argument("--budgets", default="1.0,0.9,0.8,0.7")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--calib-limit", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

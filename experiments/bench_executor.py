@@ -1,0 +1,86 @@
+"""Executor benchmark: overhead of the identity route, and realized vs ideal prefill speedup.
+
+    python -m layerroute.experiments.bench_executor [--model smollm2-135m] [--repeats 15]
+
+Prints markdown tables and writes them to ``experiments/results/bench_executor.md``.
+Timings interleave the compared calls and report medians, so drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from layerroute import RouteExecutor, load_model
+
+
+def _median_times(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    times = {k: [] for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def overhead_table(model, ex: RouteExecutor, repeats: int, tokens: int = 128) -> list[str]:
+    rows = ["| batch | logits | HF forward (s) | identity route (s) | overhead |", "|---|---|---|---|---|"]
+    for batch in (1, 8):
+        ids = torch.randint(100, 40000, (batch, tokens), generator=torch.Generator().manual_seed(batch))
+        for keep, label in ((1, "last position"), (0, "all positions")):
+            with torch.no_grad():
+                t = _median_times({
+                    "hf": lambda: model(input_ids=ids, logits_to_keep=keep, use_cache=False),
+                    "ours": lambda: ex(ids, logits_to_keep=keep),
+                }, repeats)
+            rows.append(f"| {batch} | {label} | {t['hf']:.4f} | {t['ours']:.4f} | {100 * (t['ours'] / t['hf'] - 1):+.1f}% |")
+    return rows
+
+
+def speedup_table(ex: RouteExecutor, repeats: int, batch: int = 8, tokens: int = 128) -> list[str]:
+    L = ex.num_layers
+    ids = torch.randint(100, 40000, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    rows = ["| blocks run (k of L) | logits | time (s) | realized speedup | ideal L/k | realized / ideal |",
+            "|---|---|---|---|---|---|"]
+    for keep, label in ((1, "last position"), (0, "all positions")):
+        routes = {k: ex.route(f"skip:{k}-{L - 1}") if k < L else ex.route() for k in (L, 25, 20, 15, 10)}
+        t = _median_times({k: (lambda r=r: ex(ids, routes=r, logits_to_keep=keep)) for k, r in routes.items()},
+                          repeats)
+        for k in routes:
+            realized, ideal = t[L] / t[k], L / k
+            rows.append(f"| {k} of {L} | {label} | {t[k]:.4f} | {realized:.2f}x | {ideal:.2f}x | {realized / ideal:.2f} |")
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_executor.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model)
+    ex = RouteExecutor(model)
+    header = (f"# Executor benchmark\n\n`python -m layerroute.experiments.bench_executor --model {args.model} "
+              f"--repeats {args.repeats} --threads {args.threads}`; {torch.get_num_threads()} torch threads, "
+              f"{next(model.parameters()).dtype}, 128-token prompts, median of {args.repeats}.\n")
+    parts = [header, "## Identity route against the plain HF forward\n", *overhead_table(model, ex, args.repeats),
+             "", "## Prefill speedup of a route that runs k of L blocks (batch 8; skipped blocks are the last L-k)\n",
+             *speedup_table(ex, args.repeats)]
+    text = "\n".join(parts) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

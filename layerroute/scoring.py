@@ -1,0 +1,138 @@
+"""Score task examples along routes, in padded batches.
+
+Three kinds of scoring (see ``layerroute.tasks.Task.kind``):
+
+* ``choice``: multiple choice, by the answer letter (the next-token log-prob of `` A``..
+  `` D`` after the answer prefix) or by cloze (the summed log-likelihood of each option's
+  text as a continuation, options prefixed by one space).
+* ``generate``: greedy decoding, then the task's extractor pulls the answer for exact match.
+* ``loglik``: the NLL per token of the gold continuation (the dense signal for search and RL).
+
+Every sample also gets ``gold_nll``, the NLL per token of its gold continuation, so that
+search and calibration have a dense signal whatever the task kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .executor import RouteExecutor
+from .route import Route
+from .tasks.prompts import render_prompt
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class SampleScore:
+    uid: str
+    correct: bool | None
+    prediction: str
+    gold: str
+    gold_nll: float  # NLL per token of the gold continuation
+    blocks: int
+    tokens: int  # prompt + continuation/generated tokens processed
+    output: str = ""  # the generated text (generate tasks)
+
+
+def gold_continuation(task, ex) -> str:
+    """The text whose likelihood measures how well a route answers ``ex``."""
+    if task.kind == "choice":
+        i = LETTERS.index(ex.answer)
+        return " " + (ex.answer if task.choice_scoring == "letter" else ex.choices[i])
+    return (" " + ex.answer) if task.kind == "generate" else ex.answer
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], continuations: list[str],
+                     routes: list[Route]) -> tuple[list[float], list[int], list[int]]:
+    """Summed NLL of each continuation after its prompt, its token count, and total tokens."""
+    p_ids = _encode(tokenizer, prompts)
+    c_ids = _encode(tokenizer, [p + c for p, c in zip(prompts, continuations)])
+    seqs, cont_lens = [], []
+    for p, full, c in zip(p_ids, c_ids, continuations):
+        if len(full) > len(p) and full[: len(p)] == p:
+            seqs.append(full)
+            cont_lens.append(len(full) - len(p))
+        else:  # BPE merged across the boundary: tokenize the continuation on its own
+            cont = _encode(tokenizer, [c])[0]
+            seqs.append(p + cont)
+            cont_lens.append(len(cont))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = _left_pad(seqs, pad, executor.device)
+    keep = max(cont_lens) + 1
+    logits = executor(ids, mask, routes, logits_to_keep=keep).logits.float()  # [B, keep, V]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = ids[:, -keep + 1:]
+    tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)  # [B, keep-1]
+    nll = []
+    for b, n in enumerate(cont_lens):
+        nll.append(float(-tok_lp[b, -n:].sum()))
+    return nll, cont_lens, [len(s) for s in seqs]
+
+
+def score_batch(executor: RouteExecutor, tokenizer, task, examples, routes: list[Route],
+                chat: bool = True) -> list[SampleScore]:
+    """Score ``examples`` along their ``routes`` (one per example) in one padded batch."""
+    from .tasks.extract import extract_answer
+
+    prompts = [render_prompt(tokenizer, ex.question, chat=chat, answer_prefix=task.answer_prefix) for ex in examples]
+    golds = [gold_continuation(task, ex) for ex in examples]
+    gold_nll, gold_lens, tokens = continuation_nll(executor, tokenizer, prompts, golds, routes)
+    per_token = [n / max(k, 1) for n, k in zip(gold_nll, gold_lens)]
+    preds: list[str]
+    correct: list[bool | None]
+    texts = [""] * len(examples)
+    if task.kind == "choice" and task.choice_scoring == "letter":
+        letters = [LETTERS[i] for i in range(max(len(ex.choices) for ex in examples))]
+        letter_ids = [_encode(tokenizer, [" " + x])[0][-1] for x in letters]
+        ids, mask = _left_pad(_encode(tokenizer, prompts), tokenizer.pad_token_id or 0, executor.device)
+        logits = executor(ids, mask, routes, logits_to_keep=1).logits[:, -1, letter_ids]
+        preds = [letters[int(i)] for i in logits.argmax(-1)]
+        correct = [p == ex.answer for p, ex in zip(preds, examples)]
+    elif task.kind == "choice":  # cloze: every option as a continuation
+        flat_p, flat_c, flat_r, owner = [], [], [], []
+        for b, ex in enumerate(examples):
+            for opt in ex.choices:
+                flat_p.append(prompts[b]), flat_c.append(" " + opt), flat_r.append(routes[b]), owner.append(b)
+        nll, _, opt_tokens = continuation_nll(executor, tokenizer, flat_p, flat_c, flat_r)
+        preds, correct, j = [], [], 0
+        for b, ex in enumerate(examples):
+            scores = nll[j:j + len(ex.choices)]
+            tokens[b] += sum(opt_tokens[j:j + len(ex.choices)])
+            j += len(ex.choices)
+            preds.append(LETTERS[min(range(len(scores)), key=scores.__getitem__)])
+            correct.append(preds[-1] == ex.answer)
+    elif task.kind == "generate":
+        seqs = _encode(tokenizer, prompts)
+        ids, mask = _left_pad(seqs, tokenizer.pad_token_id or 0, executor.device)
+        out = executor.generate(ids, mask, routes, max_new_tokens=task.max_new_tokens,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = out.sequences[:, ids.shape[1]:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        preds = [extract_answer(task.extract, t) or "" for t in texts]
+        correct = [p == ex.answer for p, ex in zip(preds, examples)]
+        eos = tokenizer.eos_token_id
+        for b in range(len(examples)):
+            gen = new[b].tolist()
+            tokens[b] += (gen.index(eos) + 1) if eos in gen else len(gen)
+    else:  # loglik: no accuracy, the NLL is the score
+        preds = [f"{x:.4f}" for x in per_token]
+        correct = [None] * len(examples)
+    return [SampleScore(ex.uid, c, p, ex.answer, nll, r.cost, t, o)
+            for ex, c, p, nll, r, t, o in zip(examples, correct, preds, per_token, routes, tokens, texts)]

@@ -1,0 +1,163 @@
+"""Scoring, the evaluator, output dirs, and the static baselines."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from layerroute import LayerRouteError, RouteExecutor
+from layerroute.evaluation import evaluate, limit_examples, prepare_output_dir, wilson_interval, write_run
+from layerroute.models import resolve_model_path
+from layerroute.scoring import continuation_nll, score_batch
+from layerroute.search.baselines import BASELINES, Calibration, baseline_route, blocks_for_ratio
+from layerroute.tasks.base import Example, Task
+from layerroute.tasks.prompts import render_prompt
+
+from .conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    return t
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    """A random 5-block Llama over SmolLM2's vocabulary: fast, exact, and real tokenization."""
+    return RouteExecutor(tiny_model("llama", vocab_size=len(tok)))
+
+
+def choice_task(scoring="letter", n=12):
+    countries = ["France", "Spain", "Italy", "Japan", "Egypt", "Peru", "Chile", "Kenya", "Nepal", "Cuba",
+                 "Iran", "Iraq", "Oman", "Laos"][:n]
+    exs = [Example(f"t/{c}", f"What is the capital of {c}? Options follow.\nA. x\nB. y\nC. z", "ABC"[i % 3],
+                   ("Paris", "Madrid", "Rome")) for i, c in enumerate(countries)]
+    return Task("hand", "choice", exs, choice_scoring=scoring, answer_prefix="The answer is")
+
+
+def manual_nll(model, ids: list[int], n_cont: int) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    return -sum(float(logp[i - 1, ids[i]]) for i in range(len(ids) - n_cont, len(ids)))
+
+
+def test_continuation_nll_matches_manual_computation(tiny, tok):
+    prompts = ["The capital of France is", "Two plus two is a longer prompt here"]
+    conts = [" Paris", " four, of course"]
+    nll, lens, _ = continuation_nll(tiny, tok, prompts, conts, [tiny.route()] * 2)
+    for p, c, got, n in zip(prompts, conts, nll, lens):
+        ids = tok(p + c, add_special_tokens=False).input_ids
+        assert n == len(ids) - len(tok(p, add_special_tokens=False).input_ids)
+        assert got == pytest.approx(manual_nll(tiny.model, ids, n), abs=1e-4)
+
+
+def test_letter_scoring_picks_the_argmax_letter(tiny, tok):
+    task = choice_task("letter", n=4)
+    scores = score_batch(tiny, tok, task, list(task.examples), [tiny.route()] * 4)
+    letter_ids = [tok(" " + x, add_special_tokens=False).input_ids[-1] for x in "ABC"]
+    for ex, s in zip(task.examples, scores):
+        ids = tok(render_prompt(tok, ex.question, answer_prefix=task.answer_prefix), add_special_tokens=False).input_ids
+        with torch.no_grad():
+            last = tiny.model(input_ids=torch.tensor([ids])).logits[0, -1, letter_ids]
+        assert s.prediction == "ABC"[int(last.argmax())]
+        assert s.correct == (s.prediction == ex.answer)
+        assert s.blocks == 5
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)
+
+
+@pytest.mark.parametrize("scoring", ["letter", "cloze"])
+def test_batched_and_unbatched_evaluation_agree(tiny, tok, scoring):
+    task = choice_task(scoring)
+    routes = lambda ex: tiny.route("skip:1" if ex.uid < "t/K" else "repeat:2")  # noqa: E731
+    one = evaluate(tiny, tok, task, routes, batch_size=1, progress=False)
+    many = evaluate(tiny, tok, task, routes, batch_size=5, progress=False)
+    assert [s.prediction for s in one.samples] == [s.prediction for s in many.samples]
+    assert [s.gold_nll for s in one.samples] == pytest.approx([s.gold_nll for s in many.samples], abs=1e-4)
+    assert one.mean_blocks == many.mean_blocks == sum(4 if e.uid < "t/K" else 6 for e in task.examples) / 12
+    assert one.accuracy == many.accuracy
+
+
+def test_generate_scoring_batched_equals_unbatched(tiny, tok):
+    exs = [Example(f"g/{i}", f"What is {i} plus {i}? Think, then answer.", str(2 * i)) for i in range(6)]
+    task = Task("gen", "generate", exs, max_new_tokens=6, extract="last_number")
+    one = evaluate(tiny, tok, task, batch_size=1, progress=False)
+    many = evaluate(tiny, tok, task, batch_size=6, progress=False)
+    assert [s.prediction for s in one.samples] == [s.prediction for s in many.samples]
+    assert one.tokens_per_second > 0 and one.samples[0].tokens > 6
+
+
+@pytest.mark.slow
+def test_real_model_scores_hand_made_cases(smollm):
+    """SmolLM2 knows these; the scorer must say so."""
+    model, tok, ex = smollm
+    exs = [Example("c/fr", "What is the capital of France?", "B", ("London", "Paris", "Berlin", "Madrid")),
+           Example("c/jp", "What is the capital of Japan?", "D", ("Paris", "Rome", "Cairo", "Tokyo"))]
+    task = Task("caps", "choice", exs, choice_scoring="cloze", answer_prefix="The capital is")
+    res = evaluate(ex, tok, task, progress=False)
+    assert [s.prediction for s in res.samples] == ["B", "D"] and res.accuracy == 1.0
+    gen = Task("gen", "generate", [Example("g/1", "What is the capital of France?", "the")],
+               max_new_tokens=8, extract="first_word")
+    sample = evaluate(ex, tok, gen, progress=False).samples[0]
+    assert sample.output.startswith("The capital of France is Paris") and sample.correct
+
+
+def test_limit_larger_than_data_warns_and_uses_all():
+    with pytest.warns(UserWarning, match="--limit 50 is larger than the 12 examples"):
+        assert len(limit_examples(choice_task().examples, 50)) == 12
+
+
+def test_empty_task_is_refused(tiny, tok):
+    with pytest.raises(LayerRouteError, match="no examples"):
+        evaluate(tiny, tok, Task("empty", "choice", []), progress=False)
+
+
+def test_output_dir_with_another_run_is_refused(tmp_path, tiny, tok):
+    out = prepare_output_dir(tmp_path / "run")
+    res = evaluate(tiny, tok, choice_task(n=3), progress=False)
+    write_run(out, {"task": "hand"}, res)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["task"] == "hand" and saved["metrics"]["n"] == 3
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(LayerRouteError, match="already holds a run .*--overwrite"):
+        prepare_output_dir(tmp_path / "run")
+    assert prepare_output_dir(tmp_path / "run", overwrite=True) == out
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_each_baseline_hits_its_budget_exactly(tiny, tok, name):
+    cal = Calibration(tiny, tok, choice_task("cloze"), list(choice_task("cloze").examples)[:4], seed=3)
+    for ratio in (1.0, 0.9, 0.8, 0.6, 0.4, 0.2):
+        route = baseline_route(name, cal, ratio)
+        assert route.cost == blocks_for_ratio(ratio, 5) == round(ratio * 5)
+        assert route.is_monotone and len(set(route.layers)) == route.cost
+
+
+def test_baselines_choose_sensible_blocks(tiny, tok):
+    cal = Calibration(tiny, tok, choice_task("cloze"), list(choice_task("cloze").examples)[:4])
+    assert baseline_route("drop_last", cal, 0.6).layers == (0, 1, 2)
+    assert baseline_route("unified", cal, 0.6).layers == (0, 2, 4)
+    # greedy: the first block removed is the one whose removal hurts calibration loss least
+    losses = {i: cal.loss(tiny.route(f"skip:{i}")) for i in range(5)}
+    assert set(range(5)) - set(baseline_route("greedy", cal, 0.8).layers) == {min(losses, key=losses.get)}
+    h = cal.last_token_states()
+    assert h.shape[0] == 6
+    dist = [float(torch.arccos(torch.cosine_similarity(h[s], h[s + 2], -1).clamp(-1, 1)).mean()) for s in range(4)]
+    best = min(range(4), key=dist.__getitem__)
+    assert set(range(5)) - set(baseline_route("similarity", cal, 0.6).layers) == {best, best + 1}
+
+
+def test_bad_budgets_are_refused():
+    with pytest.raises(LayerRouteError, match=r"must be in \(0, 1\]"):
+        blocks_for_ratio(1.5, 30)
+    with pytest.raises(LayerRouteError, match="leaves no block"):
+        blocks_for_ratio(0.01, 30)
+    assert not math.isnan(blocks_for_ratio(0.7, 30))
