@@ -91,7 +91,7 @@ def score_batch(executor: RouteExecutor, tokenizer, task, examples, routes: list
     """Score ``examples`` along their ``routes`` (one per example) in one padded batch."""
     from .tasks.extract import extract_answer
 
-    prompts = [render_prompt(tokenizer, ex.question, chat=chat, answer_prefix=task.answer_prefix) for ex in examples]
+    prompts = [render_prompt(tokenizer, ex.question, chat=chat, answer_prefix=task.prefix_for(ex)) for ex in examples]
     golds = [gold_continuation(task, ex) for ex in examples]
     gold_nll, gold_lens, tokens = continuation_nll(executor, tokenizer, prompts, golds, routes)
     per_token = [n / max(k, 1) for n, k in zip(gold_nll, gold_lens)]

@@ -65,7 +65,7 @@ class Calibration:
     _greedy_order: list[int] = field(default_factory=list, repr=False)  # shared by every budget
 
     def prompts(self) -> list[str]:
-        return [render_prompt(self.tokenizer, ex.question, answer_prefix=self.task.answer_prefix)
+        return [render_prompt(self.tokenizer, ex.question, answer_prefix=self.task.prefix_for(ex))
                 for ex in self.examples]
 
     def loss(self, route: Route) -> float:
