@@ -99,7 +99,7 @@ def cmd_eval(args) -> int:
         from .evaluation import limit_examples
 
         cal = Calibration(ex, tok, task, limit_examples(task.split("search", args.seed).examples, args.calib_limit),
-                          seed=args.seed, batch_size=args.batch_size)
+                          seed=args.seed, batch_size=args.batch_size, progress=True)
         route = baseline_route(args.baseline, cal, args.budget)
     else:
         route = ex.route(args.route)
@@ -138,6 +138,13 @@ def cmd_baselines(args) -> int:
                                                  indent=2, sort_keys=True) + "\n")
     (out / "table.md").write_text(table + "\n")
     print(f"wrote {Path(out) / 'results.json'}, table.md and baselines.png")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from .tasks import list_tasks
+
+    print("\n".join(list_tasks(usage=True)))
     return 0
 
 
@@ -203,11 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-limit", type=int, default=32, help="calibration examples from the search split")
     p.set_defaults(func=cmd_baselines)
 
+    p = sub.add_parser("tasks", help="list the task specs --task accepts")
+    p.set_defaults(func=cmd_tasks)
+
     p = sub.add_parser("demo", help="the main job on the embedded default model, offline")
     _add_model_args(p)
     p.add_argument("--budgets", default="1.0,0.9,0.8,0.7")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--calib-limit", type=int, default=32)
+    p.add_argument("--limit", type=int, default=40, help="test examples per evaluation (kept small for a demo)")
+    p.add_argument("--calib-limit", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/demo")

@@ -86,53 +86,72 @@ def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], con
     return nll, cont_lens, [len(s) for s in seqs]
 
 
+def _letter(executor, tokenizer, task, examples, prompts, routes):
+    """Next-token scores of " A".." D" after the prompt; one forward gives prediction and gold NLL."""
+    letters = LETTERS[: max(len(ex.choices) for ex in examples)]
+    letter_ids = [_encode(tokenizer, [" " + x])[0][-1] for x in letters]
+    seqs = _encode(tokenizer, prompts)
+    ids, mask = _left_pad(seqs, tokenizer.pad_token_id or 0, executor.device)
+    logp = torch.log_softmax(executor(ids, mask, routes, logits_to_keep=1).logits[:, -1].float(), dim=-1)
+    preds = [letters[int(i)] for i in logp[:, letter_ids].argmax(-1)]
+    gold_nll = [-float(logp[b, letter_ids[LETTERS.index(ex.answer)]]) for b, ex in enumerate(examples)]
+    return preds, gold_nll, [len(s) + 1 for s in seqs], [""] * len(examples)
+
+
+def _cloze(executor, tokenizer, task, examples, prompts, routes):
+    """Every option as a continuation; the lowest summed NLL wins; the gold option's NLL per token."""
+    flat_p, flat_c, flat_r = [], [], []
+    for b, ex in enumerate(examples):
+        flat_p += [prompts[b]] * len(ex.choices)
+        flat_c += [" " + opt for opt in ex.choices]
+        flat_r += [routes[b]] * len(ex.choices)
+    nll, lens, seq_tokens = continuation_nll(executor, tokenizer, flat_p, flat_c, flat_r)
+    preds, gold_nll, tokens, j = [], [], [], 0
+    for ex in examples:
+        k = len(ex.choices)
+        scores = nll[j:j + k]
+        g = j + LETTERS.index(ex.answer)
+        preds.append(LETTERS[min(range(k), key=scores.__getitem__)])
+        gold_nll.append(nll[g] / lens[g])
+        tokens.append(sum(seq_tokens[j:j + k]))
+        j += k
+    return preds, gold_nll, tokens, [""] * len(examples)
+
+
+def _gold_nll(executor, tokenizer, task, examples, prompts, routes):
+    """NLL per token of each gold continuation, and the tokens that took."""
+    golds = [gold_continuation(task, ex) for ex in examples]
+    nll, lens, tokens = continuation_nll(executor, tokenizer, prompts, golds, routes)
+    return [n / max(k, 1) for n, k in zip(nll, lens)], tokens
+
+
+def _generate(executor, tokenizer, task, examples, prompts, routes):
+    """Greedy decoding, then the task's extractor; the gold NLL comes from a separate pass."""
+    from .tasks.extract import extract_answer
+
+    gold_nll, tokens = _gold_nll(executor, tokenizer, task, examples, prompts, routes)
+    ids, mask = _left_pad(_encode(tokenizer, prompts), tokenizer.pad_token_id or 0, executor.device)
+    out = executor.generate(ids, mask, routes, max_new_tokens=task.max_new_tokens,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = out.sequences[:, ids.shape[1]:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    eos = tokenizer.eos_token_id
+    for b, gen in enumerate(new.tolist()):
+        tokens[b] += (gen.index(eos) + 1) if eos in gen else len(gen)
+    return [extract_answer(task.extract, t) or "" for t in texts], gold_nll, tokens, texts
+
+
 def score_batch(executor: RouteExecutor, tokenizer, task, examples, routes: list[Route],
                 chat: bool = True) -> list[SampleScore]:
     """Score ``examples`` along their ``routes`` (one per example) in one padded batch."""
-    from .tasks.extract import extract_answer
-
     prompts = [render_prompt(tokenizer, ex.question, chat=chat, answer_prefix=task.prefix_for(ex)) for ex in examples]
-    golds = [gold_continuation(task, ex) for ex in examples]
-    gold_nll, gold_lens, tokens = continuation_nll(executor, tokenizer, prompts, golds, routes)
-    per_token = [n / max(k, 1) for n, k in zip(gold_nll, gold_lens)]
-    preds: list[str]
-    correct: list[bool | None]
-    texts = [""] * len(examples)
-    if task.kind == "choice" and task.choice_scoring == "letter":
-        letters = [LETTERS[i] for i in range(max(len(ex.choices) for ex in examples))]
-        letter_ids = [_encode(tokenizer, [" " + x])[0][-1] for x in letters]
-        ids, mask = _left_pad(_encode(tokenizer, prompts), tokenizer.pad_token_id or 0, executor.device)
-        logits = executor(ids, mask, routes, logits_to_keep=1).logits[:, -1, letter_ids]
-        preds = [letters[int(i)] for i in logits.argmax(-1)]
-        correct = [p == ex.answer for p, ex in zip(preds, examples)]
-    elif task.kind == "choice":  # cloze: every option as a continuation
-        flat_p, flat_c, flat_r, owner = [], [], [], []
-        for b, ex in enumerate(examples):
-            for opt in ex.choices:
-                flat_p.append(prompts[b]), flat_c.append(" " + opt), flat_r.append(routes[b]), owner.append(b)
-        nll, _, opt_tokens = continuation_nll(executor, tokenizer, flat_p, flat_c, flat_r)
-        preds, correct, j = [], [], 0
-        for b, ex in enumerate(examples):
-            scores = nll[j:j + len(ex.choices)]
-            tokens[b] += sum(opt_tokens[j:j + len(ex.choices)])
-            j += len(ex.choices)
-            preds.append(LETTERS[min(range(len(scores)), key=scores.__getitem__)])
-            correct.append(preds[-1] == ex.answer)
-    elif task.kind == "generate":
-        seqs = _encode(tokenizer, prompts)
-        ids, mask = _left_pad(seqs, tokenizer.pad_token_id or 0, executor.device)
-        out = executor.generate(ids, mask, routes, max_new_tokens=task.max_new_tokens,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        new = out.sequences[:, ids.shape[1]:]
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        preds = [extract_answer(task.extract, t) or "" for t in texts]
-        correct = [p == ex.answer for p, ex in zip(preds, examples)]
-        eos = tokenizer.eos_token_id
-        for b in range(len(examples)):
-            gen = new[b].tolist()
-            tokens[b] += (gen.index(eos) + 1) if eos in gen else len(gen)
-    else:  # loglik: no accuracy, the NLL is the score
-        preds = [f"{x:.4f}" for x in per_token]
+    if task.kind == "loglik":  # no accuracy: the NLL is the score
+        gold_nll, tokens = _gold_nll(executor, tokenizer, task, examples, prompts, routes)
+        preds, texts = [f"{x:.4f}" for x in gold_nll], [""] * len(examples)
         correct = [None] * len(examples)
+    else:
+        scorer = _generate if task.kind == "generate" else _letter if task.choice_scoring == "letter" else _cloze
+        preds, gold_nll, tokens, texts = scorer(executor, tokenizer, task, examples, prompts, routes)
+        correct = [p == ex.answer for p, ex in zip(preds, examples)]
     return [SampleScore(ex.uid, c, p, ex.answer, nll, r.cost, t, o)
-            for ex, c, p, nll, r, t, o in zip(examples, correct, preds, per_token, routes, tokens, texts)]
+            for ex, c, p, nll, r, t, o in zip(examples, correct, preds, gold_nll, routes, tokens, texts)]

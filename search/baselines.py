@@ -1,7 +1,7 @@
 """Static baselines: one route for every input, at a target share of the blocks.
 
 Each baseline sees only calibration examples (the task's ``search`` split) and returns a
-route that executes exactly ``round(ratio * L)`` blocks, in order:
+route that executes exactly ``floor(ratio * L)`` blocks, in order:
 
 * ``unified``: skips spread evenly over the middle layers (the first and last tenth stay).
 * ``drop_last``: drop the last blocks.
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from layerroute.errors import RouteError
 from layerroute.executor import RouteExecutor
@@ -41,10 +42,10 @@ def register_baseline(name: str):
 
 
 def blocks_for_ratio(ratio: float, num_layers: int) -> int:
-    """Blocks a ratio buys: ``round(ratio * L)``, at least 1 and at most L."""
+    """Blocks a ratio buys: ``floor(ratio * L)``, so a baseline never runs more than its budget."""
     if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio <= 1:
         raise RouteError(f"compute ratio must be in (0, 1], got {ratio!r}")
-    k = round(ratio * num_layers)
+    k = math.floor(ratio * num_layers + 1e-9)  # the epsilon keeps 0.7 * 30 at 21
     if k < 1:
         raise RouteError(f"ratio {ratio} of {num_layers} blocks leaves no block to run; the minimum is "
                          f"{1 / num_layers:.3f}")
@@ -61,6 +62,7 @@ class Calibration:
     examples: list
     seed: int = 0
     batch_size: int = 8
+    progress: bool = False
     _hidden: torch.Tensor | None = field(default=None, repr=False)
     _greedy_order: list[int] = field(default_factory=list, repr=False)  # shared by every budget
 
@@ -133,7 +135,7 @@ def similarity(cal: Calibration, k: int) -> Route:
 @register_baseline("greedy")
 def greedy(cal: Calibration, k: int) -> Route:
     L, order = cal.executor.num_layers, cal._greedy_order
-    while len(order) < L - k:
+    for _ in tqdm(range(len(order), L - k), desc=f"greedy removal to {k} blocks", disable=not cal.progress):
         losses = {i: cal.loss(_skip(cal, order + [i])) for i in range(L) if i not in order}
         order.append(min(losses, key=losses.get))
     return _skip(cal, order[: L - k])
@@ -162,7 +164,7 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
 
     names = list(names or BASELINES)
     cal = Calibration(executor, tokenizer, task, limit_examples(task.split("search", seed).examples, calib_limit),
-                      seed=seed, batch_size=batch_size)
+                      seed=seed, batch_size=batch_size, progress=progress)
     if not cal.examples:
         raise RouteError(f"task {task.name} has no calibration (search split) examples")
     test = task.split("test", seed)

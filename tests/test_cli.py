@@ -1,5 +1,6 @@
 """The command line, end to end on the embedded default."""
 
+import json
 import subprocess
 import sys
 
@@ -38,3 +39,58 @@ def test_run_reports_bad_route_clearly(capsys, tmp_path):
     assert "layer index 9 in 'skip:9' is out of range" in capsys.readouterr().err
     assert main(["info", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random 5-block Llama with SmolLM2's tokenizer, saved as a model directory."""
+    from transformers import AutoTokenizer
+
+    from layerroute.models import resolve_model_path
+
+    from .conftest import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_eval_writes_a_reproducible_run_and_refuses_to_overwrite(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(f'{{"q": "What is {i} plus 1?", "a": "{i + 1}"}}\n' for i in range(40)))
+    args = ["eval", "--model", str(tiny_dir), "--task", f"jsonl:{data}", "--fields", "question=q,answer=a",
+            "--split", "all", "--batch-size", "4", "--route", "skip:1-2", "--output", str(tmp_path / "run")]
+    assert main(args + ["--limit", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "blocks/sample   mean 3.00" in out and "tokens/s" in out
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["settings"]["route"] == "skip:1-2" and saved["settings"]["limit"] == 6
+    assert saved["route"]["layers"] == [0, 3, 4] and saved["metrics"]["n"] == 6
+    assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 6
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="larger than the 40 examples"):
+        assert main(args + ["--limit", "100", "--overwrite", "--kind", "generate"]) == 0
+
+
+def test_eval_and_baselines_report_bad_tasks(tiny_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(tiny_dir), "--task", "nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "a", "a": "1"}\n{"q": "b", "a": "2"}\n{oops\n')
+    assert main(["eval", "--model", str(tiny_dir), "--task", f"jsonl:{bad}", "--fields", "question=q,answer=a"]) == 2
+    assert "line 3" in capsys.readouterr().err
+
+
+def test_baselines_command_writes_table_and_plot(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["baselines", "--model", str(tiny_dir), "--task", "suite:capitals", "--budgets", "1.0,0.8,0.6",
+                 "--baselines", "drop_last,unified,random", "--calib-limit", "4", "--limit", "8",
+                 "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| drop_last | 0.60 | 3 |" in table and "| full | 1.00 | 5 |" in table
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["blocks"] for r in rows] == [5, 4, 4, 4, 3, 3, 3]
+    assert (out / "baselines.png").stat().st_size > 10_000 and (out / "table.md").is_file()
