@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .errors import LayerRouteError
@@ -96,10 +97,9 @@ def cmd_eval(args) -> int:
     ex = RouteExecutor(model)
     if args.baseline:
         from layerroute.search.baselines import Calibration, baseline_route
-        from .evaluation import limit_examples
 
-        cal = Calibration(ex, tok, task, limit_examples(task.split("search", args.seed).examples, args.calib_limit),
-                          seed=args.seed, batch_size=args.batch_size, progress=True)
+        cal = Calibration.from_task(ex, tok, task, args.calib_limit, args.seed, batch_size=args.batch_size,
+                                    progress=True)
         route = baseline_route(args.baseline, cal, args.budget)
     else:
         route = ex.route(args.route)
@@ -116,7 +116,7 @@ def cmd_eval(args) -> int:
 def cmd_baselines(args) -> int:
     from pathlib import Path
 
-    from .evaluation import environment, prepare_output_dir
+    from .evaluation import atomic_write, environment, prepare_output_dir
     from .executor import RouteExecutor
     from layerroute.search.baselines import BASELINES, format_table, plot_curves, run_baselines
 
@@ -132,11 +132,9 @@ def cmd_baselines(args) -> int:
     print(table)
     plot_curves(rows, out / "baselines.png", f"{args.model} on {args.task} (test split)")
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite", "output")}
-    import json
-
-    (out / "results.json").write_text(json.dumps({"settings": settings, "environment": environment(), "rows": rows},
-                                                 indent=2, sort_keys=True) + "\n")
-    (out / "table.md").write_text(table + "\n")
+    atomic_write(out / "table.md", table + "\n")
+    atomic_write(out / "results.json", json.dumps({"settings": settings, "environment": environment(), "rows": rows},
+                                                  indent=2, sort_keys=True) + "\n")
     print(f"wrote {Path(out) / 'results.json'}, table.md and baselines.png")
     return 0
 

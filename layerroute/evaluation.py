@@ -64,12 +64,12 @@ class EvalResult:
         return d
 
 
-def limit_examples(examples, limit: int | None):
+def limit_examples(examples, limit: int | None, option: str = "--limit"):
     """The first ``limit`` examples; a limit beyond the data warns and keeps them all."""
     if limit is None:
         return list(examples)
     if limit > len(examples):
-        warnings.warn(f"--limit {limit} is larger than the {len(examples)} examples available; using all of them",
+        warnings.warn(f"{option} {limit} is larger than the {len(examples)} examples available; using all of them",
                       stacklevel=2)
     return list(examples)[:limit]
 
@@ -132,13 +132,15 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def write_run(out: Path, settings: dict, result: EvalResult, extra: dict | None = None) -> None:
-    """Write samples.jsonl then results.json, each atomically (tmp file + rename)."""
-    def atomic(name: str, text: str) -> None:
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``path`` via a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
-    atomic("samples.jsonl", "".join(json.dumps(asdict(s)) + "\n" for s in result.samples))
+
+def write_run(out: Path, settings: dict, result: EvalResult, extra: dict | None = None) -> None:
+    """Write samples.jsonl, then results.json (its presence marks a finished run)."""
+    atomic_write(out / "samples.jsonl", "".join(json.dumps(asdict(s)) + "\n" for s in result.samples))
     payload = {"settings": settings, "environment": environment(), "metrics": result.metrics(), **(extra or {})}
-    atomic("results.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write(out / "results.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")

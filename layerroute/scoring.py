@@ -45,11 +45,11 @@ def gold_continuation(task, ex) -> str:
     return (" " + ex.answer) if task.kind == "generate" else ex.answer
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -62,19 +62,19 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], continuations: list[str],
                      routes: list[Route]) -> tuple[list[float], list[int], list[int]]:
     """Summed NLL of each continuation after its prompt, its token count, and total tokens."""
-    p_ids = _encode(tokenizer, prompts)
-    c_ids = _encode(tokenizer, [p + c for p, c in zip(prompts, continuations)])
+    p_ids = encode_texts(tokenizer, prompts)
+    c_ids = encode_texts(tokenizer, [p + c for p, c in zip(prompts, continuations)])
     seqs, cont_lens = [], []
     for p, full, c in zip(p_ids, c_ids, continuations):
         if len(full) > len(p) and full[: len(p)] == p:
             seqs.append(full)
             cont_lens.append(len(full) - len(p))
         else:  # BPE merged across the boundary: tokenize the continuation on its own
-            cont = _encode(tokenizer, [c])[0]
+            cont = encode_texts(tokenizer, [c])[0]
             seqs.append(p + cont)
             cont_lens.append(len(cont))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = _left_pad(seqs, pad, executor.device)
+    ids, mask = left_pad(seqs, pad, executor.device)
     keep = max(cont_lens) + 1
     logits = executor(ids, mask, routes, logits_to_keep=keep).logits.float()  # [B, keep, V]
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -89,9 +89,9 @@ def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], con
 def _letter(executor, tokenizer, task, examples, prompts, routes):
     """Next-token scores of " A".." D" after the prompt; one forward gives prediction and gold NLL."""
     letters = LETTERS[: max(len(ex.choices) for ex in examples)]
-    letter_ids = [_encode(tokenizer, [" " + x])[0][-1] for x in letters]
-    seqs = _encode(tokenizer, prompts)
-    ids, mask = _left_pad(seqs, tokenizer.pad_token_id or 0, executor.device)
+    letter_ids = [encode_texts(tokenizer, [" " + x])[0][-1] for x in letters]
+    seqs = encode_texts(tokenizer, prompts)
+    ids, mask = left_pad(seqs, tokenizer.pad_token_id or 0, executor.device)
     logp = torch.log_softmax(executor(ids, mask, routes, logits_to_keep=1).logits[:, -1].float(), dim=-1)
     preds = [letters[int(i)] for i in logp[:, letter_ids].argmax(-1)]
     gold_nll = [-float(logp[b, letter_ids[LETTERS.index(ex.answer)]]) for b, ex in enumerate(examples)]
@@ -130,7 +130,7 @@ def _generate(executor, tokenizer, task, examples, prompts, routes):
     from .tasks.extract import extract_answer
 
     gold_nll, tokens = _gold_nll(executor, tokenizer, task, examples, prompts, routes)
-    ids, mask = _left_pad(_encode(tokenizer, prompts), tokenizer.pad_token_id or 0, executor.device)
+    ids, mask = left_pad(encode_texts(tokenizer, prompts), tokenizer.pad_token_id or 0, executor.device)
     out = executor.generate(ids, mask, routes, max_new_tokens=task.max_new_tokens,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     new = out.sequences[:, ids.shape[1]:]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from layerroute.errors import RouteError
 from layerroute.executor import RouteExecutor
 from layerroute.route import Route
-from layerroute.scoring import continuation_nll, gold_continuation
+from layerroute.scoring import continuation_nll, encode_texts, gold_continuation, left_pad
 from layerroute.tasks.prompts import render_prompt
 
 BASELINES: dict[str, Callable] = {}
@@ -66,6 +66,17 @@ class Calibration:
     _hidden: torch.Tensor | None = field(default=None, repr=False)
     _greedy_order: list[int] = field(default_factory=list, repr=False)  # shared by every budget
 
+    @classmethod
+    def from_task(cls, executor: RouteExecutor, tokenizer, task, limit: int | None = 32, seed: int = 0,
+                  **kwargs) -> Calibration:
+        """Calibrate on the first ``limit`` examples of ``task``'s search split, never on test."""
+        from layerroute.evaluation import limit_examples
+
+        examples = limit_examples(task.split("search", seed).examples, limit, "--calib-limit")
+        if not examples:
+            raise RouteError(f"task {task.name} has no calibration (search split) examples")
+        return cls(executor, tokenizer, task, examples, seed=seed, **kwargs)
+
     def prompts(self) -> list[str]:
         return [render_prompt(self.tokenizer, ex.question, answer_prefix=self.task.prefix_for(ex))
                 for ex in self.examples]
@@ -84,12 +95,11 @@ class Calibration:
     def last_token_states(self) -> torch.Tensor:
         """[L+1, N, H] identity-route hidden states at each prompt's last token."""
         if self._hidden is None:
-            from layerroute.scoring import _encode, _left_pad
 
-            ids_all = _encode(self.tokenizer, self.prompts())
+            ids_all = encode_texts(self.tokenizer, self.prompts())
             parts = []
             for i in range(0, len(ids_all), self.batch_size):
-                ids, mask = _left_pad(ids_all[i:i + self.batch_size], self.tokenizer.pad_token_id or 0,
+                ids, mask = left_pad(ids_all[i:i + self.batch_size], self.tokenizer.pad_token_id or 0,
                                       self.executor.device)
                 hs = self.executor(ids, mask, output_hidden_states=True, logits_to_keep=1).hidden_states
                 parts.append(torch.stack([h[:, -1].float() for h in hs]))
@@ -160,13 +170,10 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
 
     Returns one row per (baseline, budget) plus the full model, each with its route.
     """
-    from layerroute.evaluation import evaluate, limit_examples
+    from layerroute.evaluation import evaluate
 
     names = list(names or BASELINES)
-    cal = Calibration(executor, tokenizer, task, limit_examples(task.split("search", seed).examples, calib_limit),
-                      seed=seed, batch_size=batch_size, progress=progress)
-    if not cal.examples:
-        raise RouteError(f"task {task.name} has no calibration (search split) examples")
+    cal = Calibration.from_task(executor, tokenizer, task, calib_limit, seed, batch_size=batch_size, progress=progress)
     test = task.split("test", seed)
     rows, seen = [], {}
     plan = [("full", 1.0)] + [(n, b) for b in budgets for n in names if b < 1.0]

@@ -161,3 +161,11 @@ def test_bad_budgets_are_refused():
     with pytest.raises(LayerRouteError, match="leaves no block"):
         blocks_for_ratio(0.01, 30)
     assert [blocks_for_ratio(r, 30) for r in (1.0, 0.9, 0.8, 0.7)] == [30, 27, 24, 21]
+
+
+def test_calibration_uses_only_the_search_split_and_refuses_none(tiny, tok):
+    task = choice_task("cloze")
+    cal = Calibration.from_task(tiny, tok, task, limit=None)
+    assert [e.uid for e in cal.examples] == [e.uid for e in task.split("search").examples]
+    with pytest.raises(LayerRouteError, match="no calibration"), pytest.warns(UserWarning, match="--calib-limit 32"):
+        Calibration.from_task(tiny, tok, Task("empty", "choice", []))
