@@ -94,3 +94,16 @@ def test_baselines_command_writes_table_and_plot(tiny_dir, tmp_path, capsys):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["blocks"] for r in rows] == [5, 4, 4, 4, 3, 3, 3]
     assert (out / "baselines.png").stat().st_size > 10_000 and (out / "table.md").is_file()
+
+
+def test_info_reports_an_unsupported_model(tmp_path, capsys):
+    import transformers as tf
+
+    tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path)
+    assert main(["info", "--model", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "supported:  no" in out and "GPT2LMHeadModel is not supported" in out
