@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     records = {}
     for name in ("suite", "suite:capitals", "suite:opposites", "suite:arithmetic", "suite:comparison",
                  "mmlu", "gpqa", "gsm8k", "aime2025"):
-        task = get_task(name, seed=args.seed) if name.startswith("suite") else get_task(name)
+        task = get_task(name, seed=args.seed)
         test = task.split("test", args.seed)
         res = evaluate(ex, tok, test, batch_size=args.batch_size, limit=limits.get(name))
         chance = "-" if task.kind != "choice" else f"{100 / len(test.examples[0].choices):.0f}%"

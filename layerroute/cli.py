@@ -75,6 +75,11 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
 
 
+def _settings(args) -> dict:
+    """The command's arguments, as saved in results.json to reproduce the run."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "overwrite", "output")}
+
+
 def _task(args):
     from .tasks import get_task
 
@@ -107,15 +112,12 @@ def cmd_eval(args) -> int:
     result = evaluate(ex, tok, split, route, batch_size=args.batch_size, limit=args.limit)
     print(result.summary())
     if out is not None:
-        settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite", "output")}
-        write_run(out, settings, result, {"route": route.to_dict(), "task_source": task.source})
+        write_run(out, _settings(args), result, {"route": route.to_dict(), "task_source": task.source})
         print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
     return 0
 
 
 def cmd_baselines(args) -> int:
-    from pathlib import Path
-
     from .evaluation import atomic_write, environment, prepare_output_dir
     from .executor import RouteExecutor
     from layerroute.search.baselines import BASELINES, format_table, plot_curves, run_baselines
@@ -131,11 +133,10 @@ def cmd_baselines(args) -> int:
     table = format_table(rows)
     print(table)
     plot_curves(rows, out / "baselines.png", f"{args.model} on {args.task} (test split)")
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite", "output")}
     atomic_write(out / "table.md", table + "\n")
-    atomic_write(out / "results.json", json.dumps({"settings": settings, "environment": environment(), "rows": rows},
+    atomic_write(out / "results.json", json.dumps({"settings": _settings(args), "environment": environment(), "rows": rows},
                                                   indent=2, sort_keys=True) + "\n")
-    print(f"wrote {Path(out) / 'results.json'}, table.md and baselines.png")
+    print(f"wrote {out / 'results.json'}, table.md and baselines.png")
     return 0
 
 

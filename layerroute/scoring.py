@@ -20,9 +20,8 @@ import torch
 
 from .executor import RouteExecutor
 from .route import Route
+from .tasks.base import LETTERS
 from .tasks.prompts import render_prompt
-
-LETTERS = "ABCDEFGHIJ"
 
 
 @dataclass
@@ -45,11 +44,18 @@ def gold_continuation(task, ex) -> str:
     return (" " + ex.answer) if task.kind == "generate" else ex.answer
 
 
+def task_prompts(tokenizer, task, examples, chat: bool = True) -> list[str]:
+    """Each example's rendered prompt, ending with its answer prefix."""
+    return [render_prompt(tokenizer, ex.question, chat=chat, answer_prefix=task.prefix_for(ex)) for ex in examples]
+
+
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] token ids left-padded with the tokenizer's pad id (0 if it has none), and the mask."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -73,8 +79,7 @@ def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], con
             cont = encode_texts(tokenizer, [c])[0]
             seqs.append(p + cont)
             cont_lens.append(len(cont))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = left_pad(seqs, pad, executor.device)
+    ids, mask = left_pad(seqs, tokenizer, executor.device)
     keep = max(cont_lens) + 1
     logits = executor(ids, mask, routes, logits_to_keep=keep).logits.float()  # [B, keep, V]
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -91,7 +96,7 @@ def _letter(executor, tokenizer, task, examples, prompts, routes):
     letters = LETTERS[: max(len(ex.choices) for ex in examples)]
     letter_ids = [encode_texts(tokenizer, [" " + x])[0][-1] for x in letters]
     seqs = encode_texts(tokenizer, prompts)
-    ids, mask = left_pad(seqs, tokenizer.pad_token_id or 0, executor.device)
+    ids, mask = left_pad(seqs, tokenizer, executor.device)
     logp = torch.log_softmax(executor(ids, mask, routes, logits_to_keep=1).logits[:, -1].float(), dim=-1)
     preds = [letters[int(i)] for i in logp[:, letter_ids].argmax(-1)]
     gold_nll = [-float(logp[b, letter_ids[LETTERS.index(ex.answer)]]) for b, ex in enumerate(examples)]
@@ -118,7 +123,7 @@ def _cloze(executor, tokenizer, task, examples, prompts, routes):
     return preds, gold_nll, tokens, [""] * len(examples)
 
 
-def _gold_nll(executor, tokenizer, task, examples, prompts, routes):
+def gold_nll_per_token(executor, tokenizer, task, examples, prompts, routes):
     """NLL per token of each gold continuation, and the tokens that took."""
     golds = [gold_continuation(task, ex) for ex in examples]
     nll, lens, tokens = continuation_nll(executor, tokenizer, prompts, golds, routes)
@@ -129,8 +134,8 @@ def _generate(executor, tokenizer, task, examples, prompts, routes):
     """Greedy decoding, then the task's extractor; the gold NLL comes from a separate pass."""
     from .tasks.extract import extract_answer
 
-    gold_nll, tokens = _gold_nll(executor, tokenizer, task, examples, prompts, routes)
-    ids, mask = left_pad(encode_texts(tokenizer, prompts), tokenizer.pad_token_id or 0, executor.device)
+    gold_nll, tokens = gold_nll_per_token(executor, tokenizer, task, examples, prompts, routes)
+    ids, mask = left_pad(encode_texts(tokenizer, prompts), tokenizer, executor.device)
     out = executor.generate(ids, mask, routes, max_new_tokens=task.max_new_tokens,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     new = out.sequences[:, ids.shape[1]:]
@@ -144,9 +149,9 @@ def _generate(executor, tokenizer, task, examples, prompts, routes):
 def score_batch(executor: RouteExecutor, tokenizer, task, examples, routes: list[Route],
                 chat: bool = True) -> list[SampleScore]:
     """Score ``examples`` along their ``routes`` (one per example) in one padded batch."""
-    prompts = [render_prompt(tokenizer, ex.question, chat=chat, answer_prefix=task.prefix_for(ex)) for ex in examples]
+    prompts = task_prompts(tokenizer, task, examples, chat)
     if task.kind == "loglik":  # no accuracy: the NLL is the score
-        gold_nll, tokens = _gold_nll(executor, tokenizer, task, examples, prompts, routes)
+        gold_nll, tokens = gold_nll_per_token(executor, tokenizer, task, examples, prompts, routes)
         preds, texts = [f"{x:.4f}" for x in gold_nll], [""] * len(examples)
         correct = [None] * len(examples)
     else:

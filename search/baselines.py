@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from tqdm.auto import tqdm
@@ -26,8 +27,7 @@ from tqdm.auto import tqdm
 from layerroute.errors import RouteError
 from layerroute.executor import RouteExecutor
 from layerroute.route import Route
-from layerroute.scoring import continuation_nll, encode_texts, gold_continuation, left_pad
-from layerroute.tasks.prompts import render_prompt
+from layerroute.scoring import encode_texts, gold_nll_per_token, left_pad, task_prompts
 
 BASELINES: dict[str, Callable] = {}
 
@@ -77,30 +77,26 @@ class Calibration:
             raise RouteError(f"task {task.name} has no calibration (search split) examples")
         return cls(executor, tokenizer, task, examples, seed=seed, **kwargs)
 
+    @cached_property
     def prompts(self) -> list[str]:
-        return [render_prompt(self.tokenizer, ex.question, answer_prefix=self.task.prefix_for(ex))
-                for ex in self.examples]
+        return task_prompts(self.tokenizer, self.task, self.examples)
 
     def loss(self, route: Route) -> float:
         """Mean gold NLL per token along ``route`` over the calibration examples."""
-        prompts, total, count = self.prompts(), 0.0, 0
-        golds = [gold_continuation(self.task, ex) for ex in self.examples]
-        for i in range(0, len(prompts), self.batch_size):
-            nll, lens, _ = continuation_nll(self.executor, self.tokenizer, prompts[i:i + self.batch_size],
-                                            golds[i:i + self.batch_size], [route] * len(prompts[i:i + self.batch_size]))
-            total += sum(n / k for n, k in zip(nll, lens))
-            count += len(nll)
-        return total / count
+        nll = []
+        for i in range(0, len(self.examples), self.batch_size):
+            examples, prompts = self.examples[i:i + self.batch_size], self.prompts[i:i + self.batch_size]
+            nll += gold_nll_per_token(self.executor, self.tokenizer, self.task, examples, prompts,
+                                      [route] * len(examples))[0]
+        return sum(nll) / len(nll)
 
     def last_token_states(self) -> torch.Tensor:
         """[L+1, N, H] identity-route hidden states at each prompt's last token."""
         if self._hidden is None:
-
-            ids_all = encode_texts(self.tokenizer, self.prompts())
+            ids_all = encode_texts(self.tokenizer, self.prompts)
             parts = []
             for i in range(0, len(ids_all), self.batch_size):
-                ids, mask = left_pad(ids_all[i:i + self.batch_size], self.tokenizer.pad_token_id or 0,
-                                      self.executor.device)
+                ids, mask = left_pad(ids_all[i:i + self.batch_size], self.tokenizer, self.executor.device)
                 hs = self.executor(ids, mask, output_hidden_states=True, logits_to_keep=1).hidden_states
                 parts.append(torch.stack([h[:, -1].float() for h in hs]))
             self._hidden = torch.cat(parts, dim=1)
