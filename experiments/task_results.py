@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from layerroute import RouteExecutor, load_model
-from layerroute.evaluation import environment, evaluate
+from layerroute.evaluation import evaluate
+from layerroute.store import environment
 from layerroute.search.baselines import format_table, plot_curves, run_baselines
 from layerroute.tasks import get_task
 

@@ -75,11 +75,6 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
 
 
-def _settings(args) -> dict:
-    """The command's arguments, as saved in results.json to reproduce the run."""
-    return {k: v for k, v in vars(args).items() if k not in ("func", "overwrite", "output")}
-
-
 def _task(args):
     from .tasks import get_task
 
@@ -91,52 +86,107 @@ def _task(args):
     return get_task(args.task, **options)
 
 
-def cmd_eval(args) -> int:
-    from .evaluation import evaluate, prepare_output_dir, write_run
-    from .executor import RouteExecutor
+_NOT_SETTINGS = ("func", "overwrite", "output", "batch_size", "batch_rows", "debug", "workers", "ray_address")
 
-    out = prepare_output_dir(args.output, args.overwrite) if args.output else None
+
+def _identity(args) -> dict:
+    """The arguments that define a run's results (a store with others is refused, not resumed)."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import eval_header, evaluate, write_summary
+    from .executor import RouteExecutor
+    from .store import ResultsStore
+
     task = _task(args)
     split = task.split(args.split, args.seed)
     model, tok = _load(args)
     ex = RouteExecutor(model)
     if args.baseline:
-        from layerroute.search.baselines import Calibration, baseline_route
+        from layerroute.objective import Objective
+        from layerroute.search.baselines import baseline_route
 
-        cal = Calibration.from_task(ex, tok, task, args.calib_limit, args.seed, batch_size=args.batch_size,
-                                    progress=True)
-        route = baseline_route(args.baseline, cal, args.budget)
+        cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
+        route = baseline_route(args.baseline, cal, args.budget, args.seed)
     else:
         route = ex.route(args.route)
     print(f"route: {route.describe()}", file=sys.stderr)
-    result = evaluate(ex, tok, split, route, batch_size=args.batch_size, limit=args.limit)
-    print(result.summary())
-    if out is not None:
-        write_run(out, _settings(args), result, {"route": route.to_dict(), "task_source": task.source})
-        print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+    store = None
+    if args.output:
+        store = ResultsStore(args.output, eval_header(ex, task, args.split, args.seed, _identity(args)),
+                             overwrite=args.overwrite)
+    try:
+        result = evaluate(ex, tok, split, route, batch_size=args.batch_size, limit=args.limit, store=store)
+        print(result.summary())
+        if store is not None:
+            write_summary(store, result, {"route": route.to_dict(), "task_source": task.source})
+            print(f"wrote {store.path}")
+    finally:
+        if store is not None:
+            store.close()
     return 0
 
 
 def cmd_baselines(args) -> int:
-    from .evaluation import atomic_write, environment, prepare_output_dir
     from .executor import RouteExecutor
     from layerroute.search.baselines import BASELINES, format_table, plot_curves, run_baselines
+    from .store import ResultsStore, atomic_write
 
-    out = prepare_output_dir(args.output or f"runs/baselines-{args.task.replace(':', '-').replace('/', '-')}",
-                             args.overwrite)
     budgets = [float(b) for b in args.budgets.split(",")]
     names = args.baselines.split(",") if args.baselines else list(BASELINES)
     task = _task(args)
     model, tok = _load(args)
-    rows = run_baselines(RouteExecutor(model), tok, task, budgets, names, limit=args.limit,
-                         calib_limit=args.calib_limit, seed=args.seed, batch_size=args.batch_size)
-    table = format_table(rows)
-    print(table)
-    plot_curves(rows, out / "baselines.png", f"{args.model} on {args.task} (test split)")
-    atomic_write(out / "table.md", table + "\n")
-    atomic_write(out / "results.json", json.dumps({"settings": _settings(args), "environment": environment(), "rows": rows},
-                                                  indent=2, sort_keys=True) + "\n")
-    print(f"wrote {out / 'results.json'}, table.md and baselines.png")
+    ex = RouteExecutor(model)
+    out = args.output or f"runs/baselines-{args.task.replace(':', '-').replace('/', '-')}"
+    header = {"kind": "baselines", "settings": _identity(args), "model": ex.fingerprint.to_dict(), "task": task.name,
+              "split": "test", "seed": args.seed}
+    with ResultsStore(out, header, overwrite=args.overwrite) as store:
+        rows = run_baselines(ex, tok, task, budgets, names, limit=args.limit, calib_limit=args.calib_limit,
+                             seed=args.seed, batch_size=args.batch_size, store=store)
+        table = format_table(rows)
+        print(table)
+        plot_curves(rows, store.path.parent / "baselines.png", f"{args.model} on {args.task} (test split)")
+        atomic_write(store.path.parent / "table.md", table + "\n")
+        print(f"wrote {store.path}, table.md and baselines.png")
+    return 0
+
+
+def cmd_search(args) -> int:
+    """``layerroute search NAME``: any registered searcher, into a resumable results store."""
+    from layerroute.objective import Objective
+    from layerroute.search import get_searcher, run_search
+    from layerroute.search.base import config_from_args
+    from .budget import Budget
+    from .executor import RouteExecutor
+    from .route import Route
+    from .store import ResultsStore
+
+    cls = get_searcher(args.searcher)
+    config = config_from_args(cls.Config, args)
+    budget = Budget.parse(args.budget)
+    task = _task(args)
+    model, tok = _load(args)
+    ex = RouteExecutor(model)
+    obj = Objective.from_task(ex, tok, task, args.split, args.limit, args.seed, reward=args.reward, lam=args.lam,
+                              budget=budget, batch_rows=args.batch_rows)
+    searcher = cls(obj, config, seed=args.seed)
+    header = {"kind": f"search:{cls.name}", "settings": {**_identity(args), **searcher.settings()},
+              "model": ex.fingerprint.to_dict(), "task": task.name, "split": args.split, "seed": args.seed}
+    if cls.oracle:
+        print(f"note: {cls.name} reads the labels of the samples it routes; its rewards are an oracle upper bound",
+              file=sys.stderr)
+    out = args.output or f"runs/search-{cls.name}-{args.task.replace(':', '-').replace('/', '-')}"
+    with ResultsStore(out, header, overwrite=args.overwrite) as store:
+        summary = run_search(searcher, store)
+        if "route" in summary:
+            route = Route.from_dict(summary["route"], ex.fingerprint)
+            route.save(store.path.parent / "route.json")
+            print(f"best route: {route.describe()}; mean reward {summary['reward']:.4f} on {len(obj)} "
+                  f"{args.split}-split samples")
+            print(f"wrote {store.path} and {store.path.parent / 'route.json'}")
+        else:
+            print(f"wrote {store.path}")
     return 0
 
 
@@ -208,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--calib-limit", type=int, default=32, help="calibration examples from the search split")
     p.set_defaults(func=cmd_baselines)
+
+    p = sub.add_parser("search", help="find routes with a registered searcher (see `layerroute search -h`)")
+    searchers = p.add_subparsers(dest="searcher", required=True, metavar="NAME")
+    from layerroute.search import SEARCHERS
+    from layerroute.search.base import add_config_arguments
+
+    for name, cls in sorted(SEARCHERS.items()):
+        q = searchers.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
+                                 description=(cls.__doc__ or "").strip())
+        _add_model_args(q)
+        _add_task_args(q)
+        q.add_argument("--split", default="search", choices=["search", "validation", "test", "all"],
+                       help="the split to search on (default: search; never choose routes on test)")
+        q.add_argument("--reward", default="margin", choices=["margin", "correct"],
+                       help="margin: gold minus best wrong option log-likelihood (dense); correct: 1 or 0")
+        q.add_argument("--lambda", dest="lam", type=float, default=0.0, help="compute penalty per share of blocks")
+        q.add_argument("--budget", default=None, help="hard budget: a share of blocks (0.8) or a block count (24)")
+        q.add_argument("--batch-rows", type=int, default=64, help="token rows per executor call")
+        add_config_arguments(q, cls.Config)
+        q.set_defaults(func=cmd_search)
 
     p = sub.add_parser("tasks", help="list the task specs --task accepts")
     p.set_defaults(func=cmd_tasks)

@@ -1,21 +1,17 @@
 """Evaluate a task along routes: accuracy with a 95% CI, blocks per sample, tokens per second.
 
-``evaluate`` returns an ``EvalResult``; ``write_run`` saves ``results.json`` (every setting
-needed to reproduce it) and ``samples.jsonl`` (one line per sample) into an output dir,
-refusing a dir that already holds a run unless told to overwrite.
+``evaluate`` returns an ``EvalResult``. Given a ``ResultsStore`` it appends one record per
+sample as batches finish, skips samples the store already holds (a rerun resumes), and
+``write_summary`` closes the run with its metrics.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 
 from tqdm.auto import tqdm
 
@@ -23,6 +19,7 @@ from .errors import LayerRouteError
 from .executor import RouteExecutor
 from .route import Route
 from .scoring import SampleScore, score_batch
+from .store import ResultsStore
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -75,9 +72,12 @@ def limit_examples(examples, limit: int | None, option: str = "--limit"):
 
 
 def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_size: int = 8,
-             limit: int | None = None, progress: bool = True, chat: bool = True) -> EvalResult:
+             limit: int | None = None, progress: bool = True, chat: bool = True,
+             store: ResultsStore | None = None) -> EvalResult:
     """Score ``task`` along ``routes``: None (identity), one Route for all, or a callable
     ``example -> Route`` (a router). Examples are batched by length; results keep task order.
+    With ``store``, finished samples are appended as they come and samples already there are
+    reused, not scored again (throughput then counts the new samples only).
     """
     examples = limit_examples(task.examples, limit)
     if not examples:
@@ -87,15 +87,19 @@ def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_siz
         route_of = lambda ex: fixed  # noqa: E731
     else:
         route_of = routes
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].question))
-    scores: list[SampleScore | None] = [None] * len(examples)
-    start = time.perf_counter()
-    with tqdm(total=len(examples), desc=f"eval {task.name}", disable=not progress, unit="ex") as bar:
+    prior = sample_records(store) if store is not None else {}
+    scores: list[SampleScore | None] = [prior.get(ex.uid) for ex in examples]
+    order = sorted((i for i in range(len(examples)) if scores[i] is None), key=lambda i: len(examples[i].question))
+    start, new_tokens = time.perf_counter(), 0
+    with tqdm(total=len(order), desc=f"eval {task.name}", disable=not progress, unit="ex") as bar:
         for j in range(0, len(order), batch_size):
             idx = order[j:j + batch_size]
             batch = [examples[i] for i in idx]
             for i, s in zip(idx, score_batch(executor, tokenizer, task, batch, [route_of(e) for e in batch], chat)):
                 scores[i] = s
+                new_tokens += s.tokens
+                if store is not None:
+                    store.append({"type": "sample", "key": s.uid, **asdict(s)})
             bar.update(len(idx))
     seconds = time.perf_counter() - start
     judged = [s for s in scores if s.correct is not None]
@@ -107,40 +111,23 @@ def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_siz
         mean_gold_nll=sum(s.gold_nll for s in scores) / len(scores),
         mean_blocks=sum(s.blocks for s in scores) / len(scores),
         blocks_histogram=dict(sorted(Counter(s.blocks for s in scores).items())),
-        tokens_per_second=sum(s.tokens for s in scores) / seconds, seconds=seconds, samples=scores,
+        tokens_per_second=new_tokens / seconds if order else 0.0, seconds=seconds, samples=scores,
     )
 
 
-def environment() -> dict:
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"layerroute": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+def eval_header(executor: RouteExecutor, task, split: str, seed: int, settings: dict) -> dict:
+    """The store header of an evaluation run: what defines its results."""
+    return {"kind": "eval", "settings": settings, "model": executor.fingerprint.to_dict(), "task": task.name,
+            "split": split, "seed": seed}
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create ``path``; refuse one that already holds a run unless ``overwrite``."""
-    out = Path(path)
-    existing = [n for n in ("results.json", "samples.jsonl") if (out / n).exists()]
-    if existing and not overwrite:
-        raise LayerRouteError(f"{out} already holds a run ({', '.join(existing)}); choose another --output "
-                              f"or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def sample_records(store: ResultsStore) -> dict[str, SampleScore]:
+    """The samples a store already holds, by uid (what a resumed evaluation skips)."""
+    keys = {f.name for f in fields(SampleScore)}
+    return {r["uid"]: SampleScore(**{k: v for k, v in r.items() if k in keys})
+            for r in store.records if r.get("type") == "sample"}
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``path`` via a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_run(out: Path, settings: dict, result: EvalResult, extra: dict | None = None) -> None:
-    """Write samples.jsonl, then results.json (its presence marks a finished run)."""
-    atomic_write(out / "samples.jsonl", "".join(json.dumps(asdict(s)) + "\n" for s in result.samples))
-    payload = {"settings": settings, "environment": environment(), "metrics": result.metrics(), **(extra or {})}
-    atomic_write(out / "results.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+def write_summary(store: ResultsStore, result: EvalResult, extra: dict | None = None) -> None:
+    """Append the run's summary (its presence marks a finished run)."""
+    store.append({"type": "summary", "metrics": result.metrics(), **(extra or {})})

@@ -1,1 +1,11 @@
-"""Route search: static baselines, MCTS, Optuna and PPO drivers, and Ray."""
+"""Route search: the searcher base and registry, static baselines, Optuna, MCTS, and Ray.
+
+Importing this package registers every searcher in ``SEARCHERS``.
+"""
+
+from .base import SEARCHERS, RandomSearch, Searcher, SearchConfig, SearchError, get_searcher, register_searcher, \
+    run_search
+from . import baselines  # noqa: F401  (registers the static baselines as searchers)
+
+__all__ = ["SEARCHERS", "RandomSearch", "SearchConfig", "SearchError", "Searcher", "get_searcher",
+           "register_searcher", "run_search"]

@@ -1,16 +1,18 @@
 """Static baselines: one route for every input, at a target share of the blocks.
 
-Each baseline sees only calibration examples (the task's ``search`` split) and returns a
-route that executes exactly ``floor(ratio * L)`` blocks, in order:
+Each baseline sees only calibration examples (an ``Objective`` over the task's ``search``
+split) and returns a route that executes exactly ``k = floor(ratio * L)`` blocks, in order:
 
 * ``unified``: skips spread evenly over the middle layers (the first and last tenth stay).
 * ``drop_last``: drop the last blocks.
 * ``similarity``: drop the contiguous run of blocks whose input and output hidden states are
   most alike (angular distance at the last prompt token; Gromov et al., "The Unreasonable
   Ineffectiveness of the Deeper Layers").
-* ``greedy``: remove, one at a time, the block whose removal hurts the calibration loss (gold
-  NLL per token) least.
+* ``greedy``: remove, one at a time, the block whose removal keeps the objective's mean
+  reward (the margin by default) highest, reusing the prefix before each candidate.
 * ``random``: skip a seeded random set of blocks.
+
+Each baseline is also a searcher (``layerroute search greedy --budget 0.8 ...``).
 """
 
 from __future__ import annotations
@@ -18,169 +20,185 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 from tqdm.auto import tqdm
 
+from layerroute.budget import blocks_for_ratio
 from layerroute.errors import RouteError
 from layerroute.executor import RouteExecutor
+from layerroute.objective import Objective
 from layerroute.route import Route
-from layerroute.scoring import encode_texts, gold_nll_per_token, left_pad, task_prompts
+from layerroute.scoring import encode_texts, left_pad
 
-BASELINES: dict[str, Callable] = {}
+from .base import Searcher, register_searcher
+
+
+class BaselineSearch(Searcher):
+    """A static baseline as a searcher: one unit, the route at the objective's budget."""
+
+    def units(self) -> list[str]:
+        return ["route"]
+
+    def search(self, keys):
+        obj = self.objective
+        k = obj.max_blocks if obj.max_blocks is not None else obj.num_layers
+        for key in keys:
+            route = BASELINES[self.name](obj, min(k, obj.num_layers), self.seed)
+            yield {"key": key, "layers": list(route.layers), "blocks": route.cost,
+                   "reward": obj.mean_reward(route)}
+
+    def summarize(self, records):
+        r = records[-1]
+        return {"route": self.route(r["layers"]).to_dict(), "reward": r["reward"], "blocks": r["blocks"]}
+
+
+BASELINES: dict[str, Callable[[Objective, int, int], Route]] = {}
 
 
 def register_baseline(name: str):
+    """Register ``fn(objective, k, seed) -> Route`` as static baseline ``name`` (and as a searcher)."""
     def deco(fn):
         if name in BASELINES:
             raise ValueError(f"baseline {name!r} is already registered")
         BASELINES[name] = fn
+        register_searcher(type(f"{name.title().replace('_', '')}Baseline", (BaselineSearch,),
+                               {"name": name, "__doc__": fn.__doc__}))
         return fn
     return deco
 
 
-def blocks_for_ratio(ratio: float, num_layers: int) -> int:
-    """Blocks a ratio buys: ``floor(ratio * L)``, so a baseline never runs more than its budget."""
-    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio <= 1:
-        raise RouteError(f"compute ratio must be in (0, 1], got {ratio!r}")
-    k = math.floor(ratio * num_layers + 1e-9)  # the epsilon keeps 0.7 * 30 at 21
-    if k < 1:
-        raise RouteError(f"ratio {ratio} of {num_layers} blocks leaves no block to run; the minimum is "
-                         f"{1 / num_layers:.3f}")
-    return k
+def _skip(obj: Objective, skipped) -> Route:
+    fp, skipped = obj.executor.fingerprint, set(skipped)
+    return Route(tuple(i for i in range(fp.num_layers) if i not in skipped), fp)
 
 
-@dataclass
-class Calibration:
-    """What the baselines may look at: the model and calibration examples of one task."""
-
-    executor: RouteExecutor
-    tokenizer: object
-    task: object
-    examples: list
-    seed: int = 0
-    batch_size: int = 8
-    progress: bool = False
-    _hidden: torch.Tensor | None = field(default=None, repr=False)
-    _greedy_order: list[int] = field(default_factory=list, repr=False)  # shared by every budget
-
-    @classmethod
-    def from_task(cls, executor: RouteExecutor, tokenizer, task, limit: int | None = 32, seed: int = 0,
-                  **kwargs) -> Calibration:
-        """Calibrate on the first ``limit`` examples of ``task``'s search split, never on test."""
-        from layerroute.evaluation import limit_examples
-
-        examples = limit_examples(task.split("search", seed).examples, limit, "--calib-limit")
-        if not examples:
-            raise RouteError(f"task {task.name} has no calibration (search split) examples")
-        return cls(executor, tokenizer, task, examples, seed=seed, **kwargs)
-
-    @cached_property
-    def prompts(self) -> list[str]:
-        return task_prompts(self.tokenizer, self.task, self.examples)
-
-    def loss(self, route: Route) -> float:
-        """Mean gold NLL per token along ``route`` over the calibration examples."""
-        nll = []
-        for i in range(0, len(self.examples), self.batch_size):
-            examples, prompts = self.examples[i:i + self.batch_size], self.prompts[i:i + self.batch_size]
-            nll += gold_nll_per_token(self.executor, self.tokenizer, self.task, examples, prompts,
-                                      [route] * len(examples))[0]
-        return sum(nll) / len(nll)
-
-    def last_token_states(self) -> torch.Tensor:
-        """[L+1, N, H] identity-route hidden states at each prompt's last token."""
-        if self._hidden is None:
-            ids_all = encode_texts(self.tokenizer, self.prompts)
-            parts = []
-            for i in range(0, len(ids_all), self.batch_size):
-                ids, mask = left_pad(ids_all[i:i + self.batch_size], self.tokenizer, self.executor.device)
-                hs = self.executor(ids, mask, output_hidden_states=True, logits_to_keep=1).hidden_states
-                parts.append(torch.stack([h[:, -1].float() for h in hs]))
-            self._hidden = torch.cat(parts, dim=1)
-        return self._hidden
-
-
-def _skip(cal: Calibration, skipped) -> Route:
-    fp = cal.executor.fingerprint
-    return Route(tuple(i for i in range(fp.num_layers) if i not in set(skipped)), fp)
+def last_token_states(obj: Objective, batch_size: int = 8) -> torch.Tensor:
+    """[L+1, N, H] identity-route hidden states at each prompt's last token."""
+    ids_all = encode_texts(obj.tokenizer, obj.prompts)
+    parts = []
+    for i in range(0, len(ids_all), batch_size):
+        ids, mask = left_pad(ids_all[i:i + batch_size], obj.tokenizer, obj.executor.device)
+        hs = obj.executor(ids, mask, output_hidden_states=True, logits_to_keep=1).hidden_states
+        parts.append(torch.stack([h[:, -1].float() for h in hs]))
+    return torch.cat(parts, dim=1)
 
 
 @register_baseline("unified")
-def unified(cal: Calibration, k: int) -> Route:
-    L = cal.executor.num_layers
+def unified(obj: Objective, k: int, seed: int = 0) -> Route:
+    """Skips spread evenly over the middle layers (the first and last tenth stay)."""
+    L = obj.num_layers
     n_skip, edge = L - k, max(1, L // 10)
     lo, hi = edge, L - edge  # middle layers [lo, hi)
     if n_skip > hi - lo:
         lo, hi = 0, L
     positions = sorted({lo + int(i * (hi - lo) / n_skip + (hi - lo) / (2 * n_skip)) for i in range(n_skip)}) \
         if n_skip else []
-    return _skip(cal, positions)
+    return _skip(obj, positions)
 
 
 @register_baseline("drop_last")
-def drop_last(cal: Calibration, k: int) -> Route:
-    return _skip(cal, range(k, cal.executor.num_layers))
+def drop_last(obj: Objective, k: int, seed: int = 0) -> Route:
+    """Drop the last blocks."""
+    return _skip(obj, range(k, obj.num_layers))
 
 
 @register_baseline("similarity")
-def similarity(cal: Calibration, k: int) -> Route:
-    L, n = cal.executor.num_layers, cal.executor.num_layers - k
+def similarity(obj: Objective, k: int, seed: int = 0) -> Route:
+    """Drop the contiguous run of blocks whose input and output states are most alike."""
+    L, n = obj.num_layers, obj.num_layers - k
     if n == 0:
-        return _skip(cal, [])
-    h = cal.last_token_states()  # h[l] enters block l; h[L] leaves the last block
+        return _skip(obj, [])
+    if "last_token_states" not in obj.cache:
+        obj.cache["last_token_states"] = last_token_states(obj)
+    h = obj.cache["last_token_states"]  # h[l] enters block l; h[L] leaves the last block
+
     def distance(start: int) -> float:
         cos = torch.nn.functional.cosine_similarity(h[start], h[start + n], dim=-1).clamp(-1, 1)
         return float(torch.arccos(cos).mean() / math.pi)
     best = min(range(L - n + 1), key=distance)
-    return _skip(cal, range(best, best + n))
+    return _skip(obj, range(best, best + n))
+
+
+def greedy_order(obj: Objective, k: int) -> list[int]:
+    """Blocks in the order greedy removal drops them, down to ``k`` kept (cached on ``obj``).
+
+    Each round removes the block whose removal keeps the mean reward highest. Candidates share
+    the prefix before them: the state after the kept blocks below ``i`` is computed once per
+    round and advanced along the rest, so a round costs about half of L full passes.
+    """
+    order: list[int] = obj.cache.setdefault("greedy_order", [])
+    L, samples = obj.num_layers, list(range(len(obj)))
+    for _ in tqdm(range(len(order), L - k), desc=f"greedy removal to {k} blocks", leave=False):
+        kept = [i for i in range(L) if i not in order]
+        totals = {i: 0.0 for i in kept}
+        for chunk in obj.batches(samples):
+            state = obj.begin(chunk)
+            for pos, i in enumerate(kept):
+                rest = kept[pos + 1:]
+                scores = obj.finish(obj.advance(state, [rest] * len(chunk)))
+                totals[i] += float(scores.reward.sum())
+                state = obj.advance(state, [[i]] * len(chunk))
+        order.append(max(totals, key=totals.get))  # ties: the lowest index (dicts keep order)
+    return order[: L - k]
 
 
 @register_baseline("greedy")
-def greedy(cal: Calibration, k: int) -> Route:
-    L, order = cal.executor.num_layers, cal._greedy_order
-    for _ in tqdm(range(len(order), L - k), desc=f"greedy removal to {k} blocks", disable=not cal.progress):
-        losses = {i: cal.loss(_skip(cal, order + [i])) for i in range(L) if i not in order}
-        order.append(min(losses, key=losses.get))
-    return _skip(cal, order[: L - k])
+def greedy(obj: Objective, k: int, seed: int = 0) -> Route:
+    """Remove, one at a time, the block whose removal keeps the mean reward highest."""
+    return _skip(obj, greedy_order(obj, k))
 
 
 @register_baseline("random")
-def random_skip(cal: Calibration, k: int) -> Route:
-    L = cal.executor.num_layers
-    return _skip(cal, random.Random(cal.seed).sample(range(L), L - k))
+def random_skip(obj: Objective, k: int, seed: int = 0) -> Route:
+    """Skip a seeded random set of blocks."""
+    L = obj.num_layers
+    return _skip(obj, random.Random(seed).sample(range(L), L - k))
 
 
-def baseline_route(name: str, cal: Calibration, ratio: float) -> Route:
-    """The route of baseline ``name`` at compute ``ratio``."""
+def baseline_route(name: str, obj: Objective, ratio: float, seed: int = 0) -> Route:
+    """The route of baseline ``name`` at compute ``ratio``, chosen on ``obj``'s examples."""
     if name not in BASELINES:
         raise RouteError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
-    return BASELINES[name](cal, blocks_for_ratio(ratio, cal.executor.num_layers))
+    return BASELINES[name](obj, blocks_for_ratio(ratio, obj.num_layers), seed)
 
 
 def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None, *, limit=None,
-                  calib_limit: int = 32, seed: int = 0, batch_size: int = 8, progress: bool = True) -> list[dict]:
+                  calib_limit: int = 32, seed: int = 0, batch_size: int = 8, progress: bool = True,
+                  store=None) -> list[dict]:
     """Evaluate every baseline at every budget on the test split, calibrated on the search split.
 
-    Returns one row per (baseline, budget) plus the full model, each with its route.
+    Returns one row per (baseline, budget) plus the full model, each with its route. With a
+    ``ResultsStore``, each row is appended when done and rows already there are not redone.
     """
     from layerroute.evaluation import evaluate
 
     names = list(names or BASELINES)
-    cal = Calibration.from_task(executor, tokenizer, task, calib_limit, seed, batch_size=batch_size, progress=progress)
-    test = task.split("test", seed)
-    rows, seen = [], {}
-    plan = [("full", 1.0)] + [(n, b) for b in budgets for n in names if b < 1.0]
+    for n in names:
+        if n not in BASELINES:
+            raise RouteError(f"unknown baseline {n!r}; choose from {', '.join(BASELINES)}")
+    blocks = {b: blocks_for_ratio(b, executor.num_layers) for b in budgets}  # validates before any work
+    stored = {r["key"]: r for r in (store.records if store is not None else []) if r.get("type") == "row"}
+    plan = [("full", 1.0)] + [(n, b) for b in budgets for n in names if blocks[b] < executor.num_layers]
+    cal, test, rows, seen = None, task.split("test", seed), [], {}
     for name, ratio in plan:
-        route = executor.route() if name == "full" else baseline_route(name, cal, ratio)
+        key = f"{name}@{ratio:g}"
+        if key in stored:
+            rows.append(stored[key])
+            continue
+        if name != "full" and cal is None:
+            cal = Objective.from_task(executor, tokenizer, task, "search", calib_limit, seed, option="--calib-limit")
+        route = executor.route() if name == "full" else baseline_route(name, cal, ratio, seed)
         if route.layers not in seen:  # baselines that agree share one evaluation
             seen[route.layers] = evaluate(executor, tokenizer, test, route, batch_size=batch_size, limit=limit,
                                           progress=progress)
         res = seen[route.layers]
-        rows.append({"baseline": name, "budget": ratio, "blocks": route.cost, "accuracy": res.accuracy,
-                     "ci95": res.ci95, "gold_nll": res.mean_gold_nll, "n": res.n, "route": route.to_dict()})
+        row = {"type": "row", "key": key, "baseline": name, "budget": ratio, "blocks": route.cost,
+               "accuracy": res.accuracy, "ci95": res.ci95, "gold_nll": res.mean_gold_nll, "n": res.n,
+               "route": route.to_dict()}
+        if store is not None:
+            store.append(row)
+        rows.append(row)
     return rows
 
 

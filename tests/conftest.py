@@ -52,3 +52,17 @@ def padded_batch(vocab: int, lengths, total: int, seed: int = 0):
         mask[b, total - n:] = 1
         ids[b, : total - n] = 0
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random 5-block Llama with SmolLM2's tokenizer, saved as a model directory."""
+    from transformers import AutoTokenizer
+
+    from layerroute.models import resolve_model_path
+
+    d = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

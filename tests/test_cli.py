@@ -41,23 +41,9 @@ def test_run_reports_bad_route_clearly(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A random 5-block Llama with SmolLM2's tokenizer, saved as a model directory."""
-    from transformers import AutoTokenizer
+def test_eval_writes_a_resumable_run_and_refuses_other_settings(tiny_dir, tmp_path, capsys):
+    from layerroute.store import read_store
 
-    from layerroute.models import resolve_model_path
-
-    from .conftest import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def test_eval_writes_a_reproducible_run_and_refuses_to_overwrite(tiny_dir, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(f'{{"q": "What is {i} plus 1?", "a": "{i + 1}"}}\n' for i in range(40)))
     args = ["eval", "--model", str(tiny_dir), "--task", f"jsonl:{data}", "--fields", "question=q,answer=a",
@@ -65,14 +51,21 @@ def test_eval_writes_a_reproducible_run_and_refuses_to_overwrite(tiny_dir, tmp_p
     assert main(args + ["--limit", "6"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "blocks/sample   mean 3.00" in out and "tokens/s" in out
-    saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["settings"]["route"] == "skip:1-2" and saved["settings"]["limit"] == 6
-    assert saved["route"]["layers"] == [0, 3, 4] and saved["metrics"]["n"] == 6
-    assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 6
+    header, records = read_store(tmp_path / "run")
+    assert header["kind"] == "eval" and header["settings"]["route"] == "skip:1-2" and header["settings"]["limit"] == 6
+    assert header["model"]["num_layers"] == 5 and "torch" in header["info"]
+    samples = [r for r in records if r["type"] == "sample"]
+    assert len(samples) == 6 and all(r["blocks"] == 3 for r in samples)
+    assert records[-1]["type"] == "summary" and records[-1]["route"]["layers"] == [0, 3, 4]
+    assert records[-1]["metrics"]["n"] == 6
+    # a rerun with the same settings resumes: nothing is scored again
+    assert main(args + ["--limit", "6"]) == 0
+    assert len([r for r in read_store(tmp_path / "run")[1] if r["type"] == "sample"]) == 6
     assert main(args) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "other settings (settings.limit: 6 there, None now)" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="larger than the 40 examples"):
         assert main(args + ["--limit", "100", "--overwrite", "--kind", "generate"]) == 0
+    assert len([r for r in read_store(tmp_path / "run")[1] if r["type"] == "sample"]) == 40
 
 
 def test_eval_and_baselines_report_bad_tasks(tiny_dir, tmp_path, capsys):
@@ -91,8 +84,11 @@ def test_baselines_command_writes_table_and_plot(tiny_dir, tmp_path, capsys):
                  "--output", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| drop_last | 0.60 | 3 |" in table and "| full | 1.00 | 5 |" in table
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    from layerroute.store import read_store
+
+    rows = read_store(out)[1]
     assert [r["blocks"] for r in rows] == [5, 4, 4, 4, 3, 3, 3]
+    assert [r["key"] for r in rows][:3] == ["full@1", "drop_last@0.8", "unified@0.8"]
     assert (out / "baselines.png").stat().st_size > 10_000 and (out / "table.md").is_file()
 
 

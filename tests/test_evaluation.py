@@ -8,10 +8,13 @@ import torch
 from transformers import AutoTokenizer
 
 from layerroute import LayerRouteError, RouteExecutor
-from layerroute.evaluation import evaluate, limit_examples, prepare_output_dir, wilson_interval, write_run
+from layerroute.evaluation import eval_header, evaluate, limit_examples, wilson_interval, write_summary
+from layerroute.objective import Objective
+from layerroute.store import ResultsStore, read_store
 from layerroute.models import resolve_model_path
 from layerroute.scoring import continuation_nll, score_batch
-from layerroute.search.baselines import BASELINES, Calibration, baseline_route, blocks_for_ratio
+from layerroute.budget import blocks_for_ratio
+from layerroute.search.baselines import BASELINES, baseline_route, greedy_order, last_token_states
 from layerroute.tasks.base import Example, Task
 from layerroute.tasks.prompts import render_prompt
 
@@ -120,43 +123,54 @@ def test_empty_task_is_refused(tiny, tok):
         evaluate(tiny, tok, Task("empty", "choice", []), progress=False)
 
 
-def test_output_dir_with_another_run_is_refused(tmp_path, tiny, tok):
-    out = prepare_output_dir(tmp_path / "run")
-    res = evaluate(tiny, tok, choice_task(n=3), progress=False)
-    write_run(out, {"task": "hand"}, res)
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["settings"]["task"] == "hand" and saved["metrics"]["n"] == 3
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 3
-    with pytest.raises(LayerRouteError, match="already holds a run .*--overwrite"):
-        prepare_output_dir(tmp_path / "run")
-    assert prepare_output_dir(tmp_path / "run", overwrite=True) == out
+def test_evaluation_store_resumes_and_refuses_other_runs(tmp_path, tiny, tok):
+    task = choice_task(n=6)
+    header = eval_header(tiny, task, "all", 0, {"task": "hand"})
+    with ResultsStore(tmp_path / "run", header) as store:
+        first = evaluate(tiny, tok, Task("hand", "choice", task.examples[:3]), progress=False, store=store)
+    with ResultsStore(tmp_path / "run", header) as store:
+        res = evaluate(tiny, tok, task, progress=False, store=store)
+        write_summary(store, res)
+    records = read_store(tmp_path / "run")[1]
+    uids = [r["uid"] for r in records if r["type"] == "sample"]  # in scoring order, each once
+    assert sorted(uids) == sorted(e.uid for e in task.examples)
+    assert records[-1]["metrics"]["n"] == 6
+    fresh = evaluate(tiny, tok, task, progress=False)
+    assert [s.prediction for s in res.samples] == [s.prediction for s in fresh.samples]
+    assert [s.prediction for s in first.samples] == [s.prediction for s in fresh.samples[:3]]
+    with pytest.raises(LayerRouteError, match="other settings"):
+        ResultsStore(tmp_path / "run", eval_header(tiny, task, "test", 0, {"task": "hand"}))
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_each_baseline_hits_its_budget_exactly(tiny, tok, name):
-    cal = Calibration(tiny, tok, choice_task("cloze"), list(choice_task("cloze").examples)[:4], seed=3)
+    obj = Objective(tiny, tok, choice_task("cloze"), list(choice_task("cloze").examples)[:4])
     for ratio in (1.0, 0.9, 0.8, 0.6, 0.4, 0.2):
-        route = baseline_route(name, cal, ratio)
+        route = baseline_route(name, obj, ratio, seed=3)
         assert route.cost == blocks_for_ratio(ratio, 5) == math.floor(ratio * 5 + 1e-9)
         assert route.is_monotone and len(set(route.layers)) == route.cost
 
 
 def test_baselines_choose_sensible_blocks(tiny, tok):
-    cal = Calibration(tiny, tok, choice_task("cloze"), list(choice_task("cloze").examples)[:4])
-    assert baseline_route("drop_last", cal, 0.6).layers == (0, 1, 2)
-    assert baseline_route("unified", cal, 0.6).layers == (0, 2, 4)
-    # greedy: the first block removed is the one whose removal hurts calibration loss least
-    losses = {i: cal.loss(tiny.route(f"skip:{i}")) for i in range(5)}
-    assert set(range(5)) - set(baseline_route("greedy", cal, 0.8).layers) == {min(losses, key=losses.get)}
-    h = cal.last_token_states()
+    obj = Objective(tiny, tok, choice_task("cloze"), list(choice_task("cloze").examples)[:4])
+    assert baseline_route("drop_last", obj, 0.6).layers == (0, 1, 2)
+    assert baseline_route("unified", obj, 0.6).layers == (0, 2, 4)
+    # greedy: the first block removed is the one whose removal keeps the mean reward highest
+    rewards = {i: obj.mean_reward(tiny.route(f"skip:{i}")) for i in range(5)}
+    assert set(range(5)) - set(baseline_route("greedy", obj, 0.8).layers) == {max(rewards, key=rewards.get)}
+    # ... and prefix reuse does not change the choice: a second round, recomputed by hand
+    first = max(rewards, key=rewards.get)
+    second = {i: obj.mean_reward(tiny.route(f"skip:{first},{i}")) for i in range(5) if i != first}
+    assert greedy_order(obj, 3) == [first, max(second, key=second.get)]
+    h = last_token_states(obj)
     assert h.shape[0] == 6
     dist = [float(torch.arccos(torch.cosine_similarity(h[s], h[s + 2], -1).clamp(-1, 1)).mean()) for s in range(4)]
     best = min(range(4), key=dist.__getitem__)
-    assert set(range(5)) - set(baseline_route("similarity", cal, 0.6).layers) == {best, best + 1}
+    assert set(range(5)) - set(baseline_route("similarity", obj, 0.6).layers) == {best, best + 1}
 
 
 def test_bad_budgets_are_refused():
-    with pytest.raises(LayerRouteError, match=r"must be in \(0, 1\]"):
+    with pytest.raises(LayerRouteError, match=r"must be a number in \(0, 1\]"):
         blocks_for_ratio(1.5, 30)
     with pytest.raises(LayerRouteError, match="leaves no block"):
         blocks_for_ratio(0.01, 30)
@@ -165,7 +179,7 @@ def test_bad_budgets_are_refused():
 
 def test_calibration_uses_only_the_search_split_and_refuses_none(tiny, tok):
     task = choice_task("cloze")
-    cal = Calibration.from_task(tiny, tok, task, limit=None)
-    assert [e.uid for e in cal.examples] == [e.uid for e in task.split("search").examples]
-    with pytest.raises(LayerRouteError, match="no calibration"), pytest.warns(UserWarning, match="--calib-limit 32"):
-        Calibration.from_task(tiny, tok, Task("empty", "choice", []))
+    obj = Objective.from_task(tiny, tok, task, "search", limit=None)
+    assert [e.uid for e in obj.examples] == [e.uid for e in task.split("search").examples]
+    with pytest.raises(LayerRouteError, match="no examples"), pytest.warns(UserWarning, match="--calib-limit 32"):
+        Objective.from_task(tiny, tok, Task("empty", "choice", []), limit=32, option="--calib-limit")

@@ -1,0 +1,311 @@
+"""The shared objective: the reward of a route on a sample, for many (sample, route) pairs at once.
+
+One ``Objective`` per (model, task, examples) tokenizes once. Each sample becomes one or more
+*rows* (token sequences): a cloze question has one row per option (prompt + option), a letter
+question one row (the prompt), a generate or loglik example one row (prompt + gold). All rows
+are left-padded to one width, so the states of any samples can be stacked and advanced in one
+batched executor call, and a state computed after a prefix of blocks can be reused by every
+route that starts with that prefix (``begin`` / ``advance`` / ``finish``).
+
+The reward of a route on a sample (``Scores.reward``)::
+
+    margin  (default)  choice tasks: log-likelihood of the gold option minus the best wrong
+                       option's, under the task's own scoring (letter or cloze), so margin > 0
+                       exactly when the answer is scored correct (ties aside);
+                       generate and loglik tasks: minus the gold NLL per token
+    correct            1.0 or 0.0 (choice tasks; generate tasks decode greedily)
+    - lambda * blocks / L                 compute penalty
+    -inf if blocks > budget               the optional hard budget
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .budget import Budget
+from .errors import LayerRouteError
+from .executor import RouteExecutor, RouteState
+from .route import Route
+from .scoring import encode_texts, gold_continuation, left_pad, task_prompts
+from .tasks.base import LETTERS
+
+REWARDS = ("margin", "correct")
+
+
+class ObjectiveError(LayerRouteError, ValueError):
+    """An objective setting that cannot work: unknown reward, bad lambda, no examples, ..."""
+
+
+@dataclass
+class Scores:
+    """Per (sample, route) pair: ``margin`` and ``reward`` [N] float, ``correct`` [N] bool (False
+    where unknown, see ``Objective.has_correct``), ``blocks`` [N] long."""
+
+    margin: torch.Tensor
+    correct: torch.Tensor
+    blocks: torch.Tensor
+    reward: torch.Tensor
+
+
+class PrefixState:
+    """The rows of some samples part-way along their routes (see ``Objective.begin``).
+
+    ``samples`` are objective sample indices, ``blocks`` the blocks run so far per sample,
+    ``sizes`` the rows per sample (a cloze sample has one row per option).
+    """
+
+    def __init__(self, samples, state: RouteState, blocks, sizes):
+        self.samples, self.state = tuple(samples), state
+        self.blocks, self.sizes = tuple(blocks), tuple(sizes)
+
+    def select(self, j: int) -> PrefixState:
+        """The state of the ``j``-th sample alone."""
+        lo = sum(self.sizes[:j])
+        return PrefixState((self.samples[j],), self.state.select(range(lo, lo + self.sizes[j])), (self.blocks[j],),
+                           (self.sizes[j],))
+
+    @staticmethod
+    def concat(states: Sequence[PrefixState]) -> PrefixState:
+        """Stack states (for example MCTS nodes of many samples) to advance them in one call."""
+        if len(states) == 1:
+            return states[0]
+        return PrefixState([s for p in states for s in p.samples], RouteState.concat([p.state for p in states]),
+                           [b for p in states for b in p.blocks], [n for p in states for n in p.sizes])
+
+    def nbytes(self) -> int:
+        return self.state.hidden.numel() * self.state.hidden.element_size()
+
+
+class Objective:
+    """Rewards of routes on the examples of one task; see the module docstring."""
+
+    def __init__(self, executor: RouteExecutor, tokenizer, task, examples=None, *, reward: str = "margin",
+                 lam: float = 0.0, budget: Budget | str | float | None = None, chat: bool = True,
+                 batch_rows: int = 64):
+        if reward not in REWARDS:
+            raise ObjectiveError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ObjectiveError(f"lambda must be a finite number, got {lam!r}")
+        if reward == "correct" and task.kind == "loglik":
+            raise ObjectiveError(f"task {task.name} is a log-likelihood task with no notion of correct; "
+                                 f"use reward='margin'")
+        if not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ObjectiveError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+        self.executor, self.tokenizer, self.task = executor, tokenizer, task
+        self.examples = list(task.examples if examples is None else examples)
+        if not self.examples:
+            raise ObjectiveError(f"task {task.name} has no examples to score")
+        self.reward_kind, self.lam, self.chat, self.batch_rows = reward, float(lam), chat, batch_rows
+        self.budget = Budget.parse(budget)
+        L = executor.num_layers
+        self.max_blocks = self.budget.max_blocks(L) if self.budget else None
+        if self.max_blocks is not None and self.max_blocks > 4 * L:
+            raise ObjectiveError(f"budget {self.budget.describe()} is far beyond the model's {L} blocks")
+        self.has_correct = task.kind in ("choice", "generate")
+        self.cache: dict = {}  # work that searchers reuse across calls (e.g. greedy's removal order)
+        self.prompts = task_prompts(tokenizer, task, self.examples, chat)
+        self._tokenize()
+
+    @classmethod
+    def from_task(cls, executor: RouteExecutor, tokenizer, task, split: str = "search", limit: int | None = None,
+                  seed: int = 0, option: str = "--limit", **kwargs) -> Objective:
+        """An objective over the first ``limit`` examples of ``task``'s ``split`` (search by default)."""
+        from .evaluation import limit_examples
+
+        examples = limit_examples(task.split(split, seed).examples, limit, option)
+        if not examples:
+            raise ObjectiveError(f"task {task.name} has no examples in its {split!r} split (seed {seed})")
+        return cls(executor, tokenizer, task, examples, **kwargs)
+
+    # ---- preparation ------------------------------------------------------------------------
+    def _tokenize(self) -> None:
+        """Rows, their continuation lengths, and the gold row of each sample, once."""
+        task, tok = self.task, self.tokenizer
+        seqs, cont, owner = [], [], []
+        self.letter_ids = None
+        if task.kind == "choice" and task.choice_scoring == "letter":
+            letters = LETTERS[: max(len(ex.choices) for ex in self.examples)]
+            self.letter_ids = torch.tensor([encode_texts(tok, [" " + x])[0][-1] for x in letters])
+        for i, (ex, prompt) in enumerate(zip(self.examples, self.prompts)):
+            if task.kind == "choice" and task.choice_scoring == "cloze":
+                conts = [" " + opt for opt in ex.choices]
+            elif self.letter_ids is not None:
+                conts = [None]
+            else:
+                conts = [gold_continuation(task, ex)]
+            p_ids = encode_texts(tok, [prompt])[0]
+            if not p_ids:
+                raise ObjectiveError(f"example {ex.uid} of task {task.name} renders to an empty prompt")
+            for c in conts:
+                if c is None:
+                    seqs.append(p_ids)
+                    cont.append(0)
+                    continue
+                full = encode_texts(tok, [prompt + c])[0]
+                if len(full) > len(p_ids) and full[: len(p_ids)] == p_ids:
+                    seqs.append(full)
+                    cont.append(len(full) - len(p_ids))
+                else:  # BPE merged across the boundary: tokenize the continuation on its own
+                    c_ids = encode_texts(tok, [c])[0]
+                    seqs.append(p_ids + c_ids)
+                    cont.append(len(c_ids))
+                owner.append(i)
+            if conts == [None]:
+                owner.append(i)
+        self.ids, self.mask = left_pad(seqs, tok, "cpu")
+        self.row_tokens = torch.tensor([len(s) for s in seqs])
+        self.cont_len = torch.tensor(cont)
+        self.owner = torch.tensor(owner)
+        # the gold option (choice tasks: among the letters or the cloze rows), else the one row
+        self.gold_index = torch.tensor([LETTERS.index(ex.answer) if task.kind == "choice" else 0
+                                        for ex in self.examples])
+        self.first_row = torch.tensor([0] + torch.bincount(self.owner, minlength=len(self.examples)).cumsum(0)
+                                      .tolist()[:-1])
+        self.num_rows = torch.bincount(self.owner, minlength=len(self.examples))
+        self.keep = int(self.cont_len.max()) + 1 if self.letter_ids is None else 1
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def num_layers(self) -> int:
+        return self.executor.num_layers
+
+    def rows_of(self, samples: Sequence[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(int(self.first_row[i]), int(self.first_row[i] + self.num_rows[i]))
+                          for i in samples])
+
+    def tokens(self, samples: Sequence[int]) -> torch.Tensor:
+        """Real tokens (all rows) of each sample: the unit that block executions multiply."""
+        return torch.tensor([int(self.row_tokens[self.rows_of([i])].sum()) for i in samples])
+
+    # ---- the walk ---------------------------------------------------------------------------
+    def begin(self, samples: Sequence[int]) -> PrefixState:
+        """Embedded rows of ``samples``, no block run yet."""
+        samples = [self._check_sample(i) for i in samples]
+        rows = self.rows_of(samples)
+        dev = self.executor.device
+        state = self.executor.begin(self.ids[rows].to(dev), self.mask[rows].to(dev))
+        return PrefixState(samples, state, [0] * len(samples), self.num_rows[samples].tolist())
+
+    def advance(self, prefix: PrefixState, chains: Sequence[Sequence[int]]) -> PrefixState:
+        """Run one chain of blocks per sample of ``prefix`` (chains may be empty)."""
+        if len(chains) != len(prefix.samples):
+            raise ObjectiveError(f"got {len(chains)} chains for {len(prefix.samples)} samples")
+        row_chains = [tuple(c) for c, n in zip(chains, prefix.sizes) for _ in range(n)]
+        state = self.executor.advance(prefix.state, row_chains)
+        return PrefixState(prefix.samples, state, [b + len(c) for b, c in zip(prefix.blocks, chains)],
+                           prefix.sizes)
+
+    def finish(self, prefix: PrefixState) -> Scores:
+        """Scores of the routes that end at ``prefix``."""
+        logits = self.executor.finish(prefix.state, self.keep).float()  # [R, keep, V]
+        rows = self.rows_of(prefix.samples)
+        return self._scores(prefix.samples, rows, logits, torch.tensor(prefix.blocks))
+
+    def _scores(self, samples, rows, logits, blocks) -> Scores:
+        logp = torch.log_softmax(logits, dim=-1)
+        local_gold = self.gold_index[torch.tensor(samples)]
+        if self.letter_ids is not None:  # one row per sample: letters at the last position
+            lp = logp[:, -1][:, self.letter_ids]  # [N, letters]
+            margins, correct = [], []
+            for j, i in enumerate(samples):
+                k = len(self.examples[i].choices)
+                margins.append(_margin(lp[j, :k], int(local_gold[j])))
+                correct.append(int(lp[j, :k].argmax()) == int(local_gold[j]))
+            margin = torch.stack(margins)
+        else:
+            ids = self.ids[rows].to(logp.device)
+            targets = ids[:, -self.keep + 1:]  # [R, keep-1]
+            tok_lp = logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
+            n = self.cont_len[rows].to(logp.device)
+            pos = torch.arange(self.keep - 1, device=logp.device)[None, :]
+            in_cont = pos >= (self.keep - 1 - n[:, None])
+            row_lp = (tok_lp * in_cont).sum(-1)  # summed log-likelihood of each row's continuation
+            margins, correct, r = [], [], 0
+            for j, i in enumerate(samples):
+                k = int(self.num_rows[i])
+                part, g = row_lp[r:r + k], int(local_gold[j])
+                if self.task.kind == "choice":
+                    margins.append(_margin(part, g))
+                    correct.append(int((-part).argmin()) == g)  # the scorer's rule: lowest NLL, first on ties
+                else:
+                    margins.append(part[g] / n[r + g])  # minus the gold NLL per token
+                    correct.append(False)
+                r += k
+            margin = torch.stack(margins)
+        correct = torch.tensor(correct, dtype=torch.bool)
+        return self._reward(margin.cpu(), correct, blocks)
+
+    def _reward(self, margin, correct, blocks) -> Scores:
+        base = correct.float() if self.reward_kind == "correct" else margin
+        reward = base - self.lam * blocks.float() / self.num_layers
+        if self.max_blocks is not None:
+            reward = torch.where(blocks > self.max_blocks, torch.full_like(reward, -math.inf), reward)
+        return Scores(margin, correct, blocks, reward)
+
+    # ---- one call -----------------------------------------------------------------------------
+    def score(self, samples: Sequence[int], chains: Sequence[Sequence[int] | Route]) -> Scores:
+        """Scores of route ``chains[j]`` on sample ``samples[j]``, batched by rows."""
+        if len(samples) != len(chains):
+            raise ObjectiveError(f"got {len(samples)} samples but {len(chains)} routes")
+        if not samples:
+            raise ObjectiveError("nothing to score: no (sample, route) pairs given")
+        chains = [c.layers if isinstance(c, Route) else tuple(int(b) for b in c) for c in chains]
+        if self.reward_kind == "correct" and self.task.kind == "generate":
+            return self._score_generated(samples, chains)
+        parts, j = [], 0
+        for chunk in self.batches(samples):
+            prefix = self.begin(chunk)
+            parts.append(self.finish(self.advance(prefix, chains[j:j + len(chunk)])))
+            j += len(chunk)
+        return Scores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("margin", "correct", "blocks", "reward")))
+
+    def batches(self, samples: Sequence[int]) -> Iterator[list[int]]:
+        """Consecutive chunks of ``samples`` of at most ``batch_rows`` rows (at least one sample)."""
+        chunk, rows = [], 0
+        for i in samples:
+            n = int(self.num_rows[self._check_sample(i)])
+            if chunk and rows + n > self.batch_rows:
+                yield chunk
+                chunk, rows = [], 0
+            chunk.append(int(i))
+            rows += n
+        if chunk:
+            yield chunk
+
+    def _score_generated(self, samples, chains) -> Scores:
+        """``correct`` on generate tasks: greedy decoding along each route, then exact match."""
+        from .scoring import score_batch
+
+        fp = self.executor.fingerprint
+        margin, correct = [], []
+        for j in range(0, len(samples), self.batch_rows):
+            idx = samples[j:j + self.batch_rows]
+            routes = [Route(c, fp) for c in chains[j:j + self.batch_rows]]
+            out = score_batch(self.executor, self.tokenizer, self.task, [self.examples[i] for i in idx], routes,
+                              self.chat)
+            margin += [-s.gold_nll for s in out]
+            correct += [bool(s.correct) for s in out]
+        blocks = torch.tensor([len(c) for c in chains])
+        return self._reward(torch.tensor(margin), torch.tensor(correct, dtype=torch.bool), blocks)
+
+    def mean_reward(self, chain: Sequence[int] | Route, samples: Sequence[int] | None = None) -> float:
+        """Mean reward of one route over ``samples`` (default: all)."""
+        samples = list(range(len(self))) if samples is None else list(samples)
+        return float(self.score(samples, [chain] * len(samples)).reward.mean())
+
+    def _check_sample(self, i) -> int:
+        if not 0 <= int(i) < len(self.examples):
+            raise ObjectiveError(f"sample index {i} is out of range: the objective has {len(self.examples)} samples")
+        return int(i)
+
+
+def _margin(lp: torch.Tensor, gold: int) -> torch.Tensor:
+    """Gold log-likelihood minus the best wrong option's."""
+    others = torch.cat([lp[:gold], lp[gold + 1:]])
+    return lp[gold] - others.max()

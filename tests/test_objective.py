@@ -1,0 +1,138 @@
+"""The shared objective: batched equals one-at-a-time, hand-computed margins, prefix reuse, budgets."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from layerroute import LayerRouteError, RouteExecutor
+from layerroute.budget import Budget, BudgetError
+from layerroute.models import resolve_model_path
+from layerroute.objective import Objective, ObjectiveError, PrefixState
+from layerroute.scoring import continuation_nll, score_batch, task_prompts
+from layerroute.tasks.base import Example, Task
+
+from .conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    return RouteExecutor(tiny_model("llama", vocab_size=len(tok)))
+
+
+def choice_task(scoring, n=10):
+    words = ["red", "blue", "green", "gold", "pink", "gray", "cyan", "lime", "teal", "navy", "plum"][:n]
+    exs = [Example(f"t/{w}", f"Which colour is {w} {'really ' * i}like?", "ABCD"[i % 4],
+                   ("cherry red", "sky", "grass green", "sun")) for i, w in enumerate(words)]
+    return Task("hand", "choice", exs, choice_scoring=scoring, answer_prefix="It is")
+
+
+def routes_for(ex, n):
+    specs = ["identity", "skip:1", "repeat:2", "skip:0,3", "chain:4,3,2,1,0", "skip:2-3"]
+    return [ex.route(specs[i % len(specs)]) for i in range(n)]
+
+
+@pytest.mark.parametrize("scoring", ["letter", "cloze"])
+def test_batched_objective_equals_one_at_a_time_scoring(tiny, tok, scoring):
+    task = choice_task(scoring)
+    obj = Objective(tiny, tok, task, batch_rows=7)
+    routes = routes_for(tiny, len(task))
+    batched = obj.score(range(len(task)), routes)
+    for i, (ex, r) in enumerate(zip(task.examples, routes)):
+        alone = Objective(tiny, tok, task, [ex]).score([0], [r])
+        assert float(alone.margin[0]) == pytest.approx(float(batched.margin[i]), abs=1e-4)
+        ref = score_batch(tiny, tok, task, [ex], [r])[0]
+        assert bool(batched.correct[i]) == ref.correct
+        assert (float(batched.margin[i]) > 0) == ref.correct
+        assert int(batched.blocks[i]) == r.cost
+    assert 0 < int(batched.correct.sum()) < len(task)  # the test sees both outcomes
+
+
+def test_cloze_margin_equals_hand_computation(tiny, tok):
+    task = choice_task("cloze", n=3)
+    obj = Objective(tiny, tok, task)
+    prompts = task_prompts(tok, task, task.examples)
+    route = tiny.route("skip:1")
+    got = obj.score(range(3), [route] * 3).margin
+    for i, ex in enumerate(task.examples):
+        nll, _, _ = continuation_nll(tiny, tok, [prompts[i]] * 4, [" " + c for c in ex.choices], [route] * 4)
+        g = "ABCD".index(ex.answer)
+        want = -nll[g] + min(n for j, n in enumerate(nll) if j != g)
+        assert float(got[i]) == pytest.approx(want, abs=1e-4)
+
+
+def test_generate_margin_is_minus_gold_nll_and_correct_decodes(tiny, tok):
+    exs = [Example(f"g/{i}", f"What is {i} plus {i}?", str(2 * i)) for i in range(4)]
+    task = Task("gen", "generate", exs, max_new_tokens=4, extract="last_number")
+    scores = Objective(tiny, tok, task).score(range(4), [tiny.route()] * 4)
+    ref = score_batch(tiny, tok, task, exs, [tiny.route()] * 4)
+    assert scores.margin.tolist() == pytest.approx([-s.gold_nll for s in ref], abs=1e-4)
+    by_decoding = Objective(tiny, tok, task, reward="correct").score(range(4), [tiny.route()] * 4)
+    assert by_decoding.correct.tolist() == [bool(s.correct) for s in ref]
+
+
+def test_prefix_reuse_equals_full_routes(tiny, tok):
+    task = choice_task("cloze", n=4)
+    obj = Objective(tiny, tok, task)
+    state = obj.advance(obj.begin([0, 1, 2, 3]), [[0, 1]] * 4)
+    tails = [[2, 3, 4], [3, 4], [2, 2, 4], [4, 3]]
+    reused = obj.finish(obj.advance(state, tails))
+    full = obj.score(range(4), [[0, 1] + t for t in tails])
+    assert torch.allclose(reused.margin, full.margin, atol=1e-5)
+    assert reused.blocks.tolist() == full.blocks.tolist() == [5, 4, 5, 4]
+    # states of single samples stack back into one batch
+    stacked = PrefixState.concat([state.select(2), state.select(0)])
+    again = obj.finish(obj.advance(stacked, [tails[2], tails[0]]))
+    assert torch.allclose(again.margin, full.margin[[2, 0]], atol=1e-5)
+
+
+def test_lambda_and_hard_budget(tiny, tok):
+    task = choice_task("letter", n=3)
+    plain = Objective(tiny, tok, task).score(range(3), [[0, 1, 2, 3, 4]] * 3)
+    obj = Objective(tiny, tok, task, lam=0.5, budget=Budget(blocks=4))
+    s = obj.score(range(3), [[0, 1, 2, 3, 4], [0, 1, 2, 3], [0]])
+    assert math.isinf(float(s.reward[0])) and float(s.reward[0]) < 0
+    assert float(s.reward[1]) == pytest.approx(float(s.margin[1]) - 0.5 * 4 / 5)
+    assert float(s.reward[2]) == pytest.approx(float(s.margin[2]) - 0.5 * 1 / 5)
+    correct = Objective(tiny, tok, task, reward="correct").score(range(3), [[0, 1, 2, 3, 4]] * 3)
+    assert correct.reward.tolist() == plain.correct.float().tolist()
+
+
+def test_bad_objective_settings_are_refused(tiny, tok):
+    task = choice_task("letter", n=2)
+    for lam in (float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ObjectiveError, match="lambda must be a finite number"):
+            Objective(tiny, tok, task, lam=lam)
+    with pytest.raises(ObjectiveError, match="unknown reward 'accuracy'"):
+        Objective(tiny, tok, task, reward="accuracy")
+    with pytest.raises(BudgetError, match="leaves no block"):
+        Objective(tiny, tok, task, budget=0.1)
+    with pytest.raises(ObjectiveError, match="no examples"):
+        Objective(tiny, tok, Task("empty", "choice", []))
+    with pytest.raises(ObjectiveError, match="no notion of correct"):
+        Objective(tiny, tok, Task("ll", "loglik", [Example("l/1", "a", "b")]), reward="correct")
+    obj = Objective(tiny, tok, task)
+    with pytest.raises(ObjectiveError, match="sample index 5 is out of range"):
+        obj.score([5], [[0]])
+    with pytest.raises(LayerRouteError, match="out of range"):
+        obj.score([0], [[9]])
+
+
+@pytest.mark.parametrize("text,want", [("0.8", Budget(ratio=0.8)), ("1", Budget(ratio=1.0)), ("24", Budget(blocks=24)),
+                                       (0.5, Budget(ratio=0.5))])
+def test_budget_parse(text, want):
+    assert Budget.parse(text) == want
+
+
+@pytest.mark.parametrize("text,msg", [("abc", "not a number"), ("-1", "positive"), ("0", "positive"),
+                                      ("2.5", "whole number"), ("nan", "positive"), ("inf", "positive")])
+def test_bad_budgets_are_refused(text, msg):
+    with pytest.raises(BudgetError, match=msg):
+        Budget.parse(text)
+    assert Budget(ratio=0.8).max_blocks(30) == 24 and Budget(blocks=7).max_blocks(30) == 7
