@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .errors import LayerRouteError
 from .executor import RouteExecutor
 from .route import Route
-from .scoring import SampleScore, score_batch
+from .scoring import SampleScore, encode_texts, left_pad, score_batch, task_prompts
 from .store import ResultsStore
 
 
@@ -74,8 +74,8 @@ def limit_examples(examples, limit: int | None, option: str = "--limit"):
 def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_size: int = 8,
              limit: int | None = None, progress: bool = True, chat: bool = True,
              store: ResultsStore | None = None) -> EvalResult:
-    """Score ``task`` along ``routes``: None (identity), one Route for all, or a callable
-    ``example -> Route`` (a router). Examples are batched by length; results keep task order.
+    """Score ``task`` along ``routes``: None (identity), one Route for all, a routing policy
+    (anything with ``route_batch(executor, ids, mask)``), or a callable ``example -> Route``. Examples are batched by length; results keep task order.
     With ``store``, finished samples are appended as they come and samples already there are
     reused, not scored again (throughput then counts the new samples only).
     """
@@ -84,9 +84,14 @@ def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_siz
         raise LayerRouteError(f"task {task.name} has no examples to evaluate")
     if routes is None or isinstance(routes, (str, Route)):
         fixed = executor.route(routes)
-        route_of = lambda ex: fixed  # noqa: E731
+        routes_of = lambda batch: [fixed] * len(batch)  # noqa: E731
+    elif hasattr(routes, "route_batch"):  # a RoutingPolicy: one batched call on the padded prompts
+        def routes_of(batch):
+            ids, mask = left_pad(encode_texts(tokenizer, task_prompts(tokenizer, task, batch, chat)), tokenizer,
+                                 executor.device)
+            return routes.route_batch(executor, ids, mask)
     else:
-        route_of = routes
+        routes_of = lambda batch: [routes(ex) for ex in batch]  # noqa: E731
     prior = sample_records(store) if store is not None else {}
     scores: list[SampleScore | None] = [prior.get(ex.uid) for ex in examples]
     order = sorted((i for i in range(len(examples)) if scores[i] is None), key=lambda i: len(examples[i].question))
@@ -95,7 +100,7 @@ def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_siz
         for j in range(0, len(order), batch_size):
             idx = order[j:j + batch_size]
             batch = [examples[i] for i in idx]
-            for i, s in zip(idx, score_batch(executor, tokenizer, task, batch, [route_of(e) for e in batch], chat)):
+            for i, s in zip(idx, score_batch(executor, tokenizer, task, batch, routes_of(batch), chat)):
                 scores[i] = s
                 new_tokens += s.tokens
                 if store is not None:

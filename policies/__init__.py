@@ -1,1 +1,6 @@
-"""RL policy networks and the common routing-policy interface (planned)."""
+"""Routing policies: the one batched interface every way of choosing routes answers, and the
+saved-policy registry (``load_policy``). PPO policies and routers register here too."""
+
+from .base import POLICIES, PolicyError, RoutingPolicy, StaticPolicy, load_policy, register_policy
+
+__all__ = ["POLICIES", "PolicyError", "RoutingPolicy", "StaticPolicy", "load_policy", "register_policy"]
