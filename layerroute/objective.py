@@ -30,7 +30,7 @@ from .budget import Budget
 from .errors import LayerRouteError
 from .executor import RouteExecutor, RouteState
 from .route import Route
-from .scoring import encode_texts, gold_continuation, left_pad, task_prompts
+from .scoring import encode_texts, gold_continuation, join_continuations, left_pad, task_prompts
 from .tasks.base import LETTERS
 
 REWARDS = ("margin", "correct")
@@ -137,25 +137,17 @@ class Objective:
                 conts = [None]
             else:
                 conts = [gold_continuation(task, ex)]
-            p_ids = encode_texts(tok, [prompt])[0]
-            if not p_ids:
-                raise ObjectiveError(f"example {ex.uid} of task {task.name} renders to an empty prompt")
-            for c in conts:
-                if c is None:
-                    seqs.append(p_ids)
-                    cont.append(0)
-                    continue
-                full = encode_texts(tok, [prompt + c])[0]
-                if len(full) > len(p_ids) and full[: len(p_ids)] == p_ids:
-                    seqs.append(full)
-                    cont.append(len(full) - len(p_ids))
-                else:  # BPE merged across the boundary: tokenize the continuation on its own
-                    c_ids = encode_texts(tok, [c])[0]
-                    seqs.append(p_ids + c_ids)
-                    cont.append(len(c_ids))
-                owner.append(i)
             if conts == [None]:
-                owner.append(i)
+                seqs += encode_texts(tok, [prompt])
+                cont.append(0)
+            else:
+                rows, lens = join_continuations(tok, [prompt] * len(conts), conts)
+                seqs += rows
+                cont += lens
+            owner += [i] * len(conts)
+        empty = next((self.examples[owner[r]].uid for r, q in enumerate(seqs) if len(q) == cont[r]), None)
+        if empty is not None:
+            raise ObjectiveError(f"example {empty} of task {task.name} renders to an empty prompt")
         self.ids, self.mask = left_pad(seqs, tok, "cpu")
         self.row_tokens = torch.tensor([len(s) for s in seqs])
         self.cont_len = torch.tensor(cont)

@@ -65,9 +65,12 @@ def left_pad(seqs: list[list[int]], tokenizer, device) -> tuple[torch.Tensor, to
     return ids.to(device), mask.to(device)
 
 
-def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], continuations: list[str],
-                     routes: list[Route]) -> tuple[list[float], list[int], list[int]]:
-    """Summed NLL of each continuation after its prompt, its token count, and total tokens."""
+def join_continuations(tokenizer, prompts: list[str], continuations: list[str]) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each prompt + continuation, and how many of them are the continuation's.
+
+    The pair is tokenized as one text; where BPE merges across the boundary (the prompt's
+    tokens are no longer a prefix), the continuation is tokenized on its own instead.
+    """
     p_ids = encode_texts(tokenizer, prompts)
     c_ids = encode_texts(tokenizer, [p + c for p, c in zip(prompts, continuations)])
     seqs, cont_lens = [], []
@@ -75,10 +78,17 @@ def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], con
         if len(full) > len(p) and full[: len(p)] == p:
             seqs.append(full)
             cont_lens.append(len(full) - len(p))
-        else:  # BPE merged across the boundary: tokenize the continuation on its own
+        else:
             cont = encode_texts(tokenizer, [c])[0]
             seqs.append(p + cont)
             cont_lens.append(len(cont))
+    return seqs, cont_lens
+
+
+def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], continuations: list[str],
+                     routes: list[Route]) -> tuple[list[float], list[int], list[int]]:
+    """Summed NLL of each continuation after its prompt, its token count, and total tokens."""
+    seqs, cont_lens = join_continuations(tokenizer, prompts, continuations)
     ids, mask = left_pad(seqs, tokenizer, executor.device)
     keep = max(cont_lens) + 1
     logits = executor(ids, mask, routes, logits_to_keep=keep).logits.float()  # [B, keep, V]
