@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/layerroute demo
+	$(VENV)/bin/layerroute pipeline
 
 test: setup
 	$(PY) -m pytest

@@ -4,16 +4,17 @@ Core API: ``load_model`` loads a frozen causal LM, ``Route`` says which blocks a
 and ``RouteExecutor`` runs the model along per-sample routes, exactly.
 """
 
-from .errors import (FingerprintMismatchError, LayerRouteError, ModelNotFoundError, RouteError,
-                     UnsupportedModelError)
-from .executor import Generation, RouteExecutor, RouteKVCache, RoutedOutput, RouteState
+from .errors import (FingerprintMismatchError, InputError, LayerRouteError, ModelFileError, ModelNotFoundError,
+                     NotExactError, RouteError, UnsupportedModelError)
+from .executor import Generation, RouteExecutor, RouteKVCache, RoutedOutput, RouteState, SelfCheck, self_check
 from .models import DEFAULT_MODEL, ModelFingerprint, decoder_stack, load_model, model_fingerprint
 from .route import Route
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "FingerprintMismatchError", "Generation", "LayerRouteError", "ModelFingerprint",
-    "ModelNotFoundError", "Route", "RouteError", "RouteExecutor", "RouteKVCache", "RouteState", "RoutedOutput",
-    "UnsupportedModelError", "decoder_stack", "load_model", "model_fingerprint",
+    "DEFAULT_MODEL", "FingerprintMismatchError", "Generation", "InputError", "LayerRouteError", "ModelFileError",
+    "ModelFingerprint", "ModelNotFoundError", "NotExactError", "Route", "RouteError", "RouteExecutor", "RouteKVCache",
+    "RouteState", "RoutedOutput", "SelfCheck", "UnsupportedModelError", "decoder_stack", "load_model",
+    "model_fingerprint", "self_check",
 ]

@@ -4,10 +4,251 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from pathlib import Path
 
-from .errors import LayerRouteError
+from .errors import InputError, LayerRouteError
 from .models import DEFAULT_MODEL
+
+
+# ---- argument checks -------------------------------------------------------------------------
+# Every argument is checked before any model is loaded or anything is written, in one place.
+# Each check takes the raw value (a string, or what argparse's `type=` already made of it),
+# returns the parsed value, and raises argparse.ArgumentTypeError with a message that follows
+# the flag ("--batch-size must be at least 1, got 0"). Use them as `type=` in new
+# subcommands; `_validate` also runs them on every parsed argument whose dest is in CHECKS
+# (or COMMAND_CHECKS), so a subcommand that uses these dest names is covered as it is.
+#
+#   positive_int     an integer >= 1 (counts and sizes: --batch-size, --limit, --max-new-tokens, ...)
+#   nonneg_int       an integer >= 0 (--refine-epochs)
+#   positive_float   a finite number > 0 (--temperature, --lr)
+#   nonneg_float     a finite number >= 0 (--lambda)
+#   ratio            a number in (0, 1] (--top-p, eval's --budget)
+#   open_ratio       a number in (0, 1) (--val-share)
+#   ratio_list       comma-separated numbers in (0, 1] -> list (--budgets)
+#   budget           a share in (0, 1] or a whole block count >= 1 (search, train-ppo, pipeline --budget)
+#   key_value_pairs  k=v[,k=v...] with distinct non-empty keys -> dict (--fields)
+#   output_dir       a directory that is writable, or can be created; nothing is created (--output)
+#   existing_path    a file or directory that exists (--router, --policy, each of --labels)
+#   device           cpu, cuda, cuda:N or mps that torch can use (--device)
+#   dtype            float32/fp32, bfloat16/bf16, float16/fp16 or auto (--dtype)
+#   model_name       the embedded name, a hub id, or a local path that looks like a model (--model)
+#   route_arg        a route spec (its syntax) or a route JSON file (its format) (--route)
+#   nonempty         a string that is not blank (--prompt, --task)
+#   baseline_names   registered static baselines, comma-separated (--baseline, --baselines)
+
+
+def _bad(value, what: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
+
+
+def _int_at_least(value, low: int) -> int:
+    try:
+        n = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        n = None
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise _bad(value, "an integer")
+    if n < low:
+        raise _bad(value, f"at least {low}")
+    return n
+
+
+def _float_where(value, what: str, ok) -> float:
+    try:
+        x = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x) or not ok(x):
+        raise _bad(value, what)
+    return x
+
+
+def positive_int(value) -> int:
+    return _int_at_least(value, 1)
+
+
+def nonneg_int(value) -> int:
+    return _int_at_least(value, 0)
+
+
+def positive_float(value) -> float:
+    return _float_where(value, "a finite number above 0", lambda x: x > 0)
+
+
+def nonneg_float(value) -> float:
+    return _float_where(value, "a finite number of at least 0", lambda x: x >= 0)
+
+
+def ratio(value) -> float:
+    return _float_where(value, "a number in (0, 1]", lambda x: 0 < x <= 1)
+
+
+def open_ratio(value) -> float:
+    return _float_where(value, "a number in (0, 1)", lambda x: 0 < x < 1)
+
+
+def ratio_list(value) -> list[float]:
+    items = list(value) if isinstance(value, (list, tuple)) else [s.strip() for s in str(value).split(",")]
+    try:
+        if not items or "" in items:
+            raise ValueError
+        return [ratio(s) for s in items]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise _bad(value, "comma-separated numbers in (0, 1], like 1.0,0.9,0.8") from None
+
+
+def budget(value):
+    from .budget import Budget
+
+    try:
+        Budget.parse(value)
+    except LayerRouteError as exc:
+        raise argparse.ArgumentTypeError(f"is not valid: {exc}") from None
+    return value
+
+
+def key_value_pairs(value) -> dict:
+    if isinstance(value, dict):
+        return value
+    out = {}
+    for item in str(value).split(","):
+        key, eq, val = (s.strip() for s in item.partition("="))
+        if not (key and eq and val):
+            raise _bad(value, "key=value pairs joined by commas, like question=q,answer=a")
+        if key in out:
+            raise argparse.ArgumentTypeError(f"names {key!r} twice in {value!r}")
+        out[key] = val
+    return out
+
+
+def output_dir(value) -> str:
+    text = str(value)
+    if not text.strip():
+        raise _bad(value, "a directory")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {text}: {parent} is not writable")
+    return text
+
+
+def existing_path(value) -> str:
+    if not str(value).strip() or not Path(str(value)).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{value} does not exist")
+    return value
+
+
+def nonempty(value) -> str:
+    if not str(value).strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return value
+
+
+def _core_check(fn):
+    """A check from layerroute's core, its LayerRouteError turned into an argument error."""
+    def check(value):
+        try:
+            fn(value)
+        except LayerRouteError as exc:
+            raise argparse.ArgumentTypeError(f"is not valid: {exc}") from None
+        return value
+    return check
+
+
+def _device(value):
+    from .models import check_device
+
+    check_device(value)
+
+
+def _dtype(value):
+    from .models import _resolve_dtype
+
+    _resolve_dtype(value, "cpu")
+
+
+def _model(value):
+    from .models import check_model_name
+
+    check_model_name(value)
+
+
+def _route(value):
+    from .route import check_route_arg
+
+    check_route_arg(value)
+
+
+def _baselines(value):
+    from layerroute.search.baselines import BASELINES
+
+    names = [s.strip() for s in (value if isinstance(value, list) else str(value).split(","))]
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown or not names:
+        raise LayerRouteError(f"unknown baseline(s) {', '.join(map(repr, unknown or names))}; choose from "
+                              f"{', '.join(BASELINES)}")
+
+
+device = _core_check(_device)
+dtype = _core_check(_dtype)
+model_name = _core_check(_model)
+route_arg = _core_check(_route)
+baseline_names = _core_check(_baselines)
+
+
+def _each(check):
+    return lambda values: [check(v) for v in values]
+
+
+# dest -> check, for every subcommand that has the argument (None values are not checked)
+CHECKS = {
+    **dict.fromkeys(("batch_size", "limit", "max_new_tokens", "calib_limit", "batch_rows", "timesteps", "n_envs",
+                     "n_steps", "workers", "obs_dim", "search_limit", "test_limit", "simulations", "trials",
+                     "epochs", "patience", "bottleneck", "windows"), positive_int),
+    "refine_epochs": nonneg_int,
+    "temperature": positive_float, "lr": positive_float, "lam": nonneg_float,
+    "top_p": ratio, "val_share": open_ratio, "budgets": ratio_list, "budget": budget,
+    "fields": key_value_pairs, "output": output_dir, "device": device, "dtype": dtype, "model": model_name,
+    "route": route_arg, "prompt": nonempty, "task": nonempty, "baseline": baseline_names,
+    "baselines": baseline_names, "router": existing_path, "policy": existing_path, "labels": _each(existing_path),
+}
+COMMAND_CHECKS = {"eval": {"budget": ratio}}  # eval's --budget is the share a --baseline may run
+_FLAGS = {"lam": "--lambda"}
+
+
+def _validate(args) -> None:
+    """Run the checks on every parsed argument; raise InputError naming the first bad one."""
+    checks = {**CHECKS, **COMMAND_CHECKS.get(getattr(args, "command", None), {})}
+    for dest, value in vars(args).items():
+        check = checks.get(dest)
+        if check is None or value is None:
+            continue
+        try:
+            check(value)
+        except argparse.ArgumentTypeError as exc:
+            flag = _FLAGS.get(dest, "--" + dest.replace("_", "-"))
+            raise InputError(f"{flag} {exc}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command gets ``--debug``; a usage error is one line, with exit status 2."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of any error")
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,25 +266,32 @@ def _load(args, check_supported: bool = True):
 
 
 def cmd_info(args) -> int:
+    """The model's block stack, the exactness self-check and whether it can be routed (exit 1 if not)."""
     from .errors import UnsupportedModelError
-    from .models import decoder_stack
+    from .executor import RouteExecutor, self_check
 
     model, _ = _load(args, check_supported=False)
     print(f"model:      {args.model} ({type(model).__name__})")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     try:
-        stack = decoder_stack(model)
+        ex = RouteExecutor(model, verify=False)  # the structure check; the self-check is reported below
     except UnsupportedModelError as exc:
         print("supported:  no")
         print(f"reason:     {exc}")
         return 1
-    fp = stack.fingerprint
+    stack, fp = ex.stack, ex.fingerprint
     windows = sorted({w for w in stack.windows if w is not None})
+    scales = [f"{what} {value:g}" for what, value in (("embeddings x", stack.embed_multiplier),
+              ("logits x", stack.logit_multiplier), ("logits /", stack.logit_divisor)) if value is not None]
     print(f"layers:     {fp.num_layers} decoder blocks of {fp.block_params:,} parameters")
     print(f"hidden:     {fp.hidden_size}")
     print(f"attention:  {stack.attn_implementation}" + (f", sliding windows {windows}" if windows else ""))
-    print("supported:  yes")
-    return 0
+    if scales:
+        print(f"scaling:    {', '.join(scales)} (outside the blocks; reproduced by the executor)")
+    check = self_check(ex)
+    print(f"self-check: {check.describe()}")
+    print(f"supported:  {'yes' if check.passed else 'no'}")
+    return 0 if check.passed else 1
 
 
 def cmd_run(args) -> int:
@@ -52,9 +300,16 @@ def cmd_run(args) -> int:
 
     model, tok = _load(args)
     ex = RouteExecutor(model)
-    route = ex.route(args.route)
     ids = tok(render_prompt(tok, args.prompt, chat=not args.no_chat), return_tensors="pt",
               add_special_tokens=False).input_ids
+    if args.router and args.route:
+        raise LayerRouteError("give --route or --router, not both")
+    if args.router:  # trained routers pick the route from the prompt, once, at prefill
+        from layerroute.routers import load_routers, route_prompts
+
+        route = route_prompts(load_routers(args.router, model), ex, ids)[0][0]
+    else:
+        route = ex.route(args.route)
     out = ex.generate(ids, routes=route, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -75,15 +330,19 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
 
 
-def _task(args):
-    from .tasks import get_task
-
+def _task_options(args) -> dict:
     options = {"seed": args.seed}
     if args.fields:
         options["fields"] = dict(kv.split("=", 1) for kv in args.fields.split(","))
     if args.kind:
         options["kind"] = args.kind
-    return get_task(args.task, **options)
+    return options
+
+
+def _task(args):
+    from .tasks import get_task
+
+    return get_task(args.task, **_task_options(args))
 
 
 _NOT_SETTINGS = ("func", "overwrite", "output", "batch_size", "batch_rows", "debug", "workers", "ray_address")
@@ -109,9 +368,15 @@ def cmd_eval(args) -> int:
 
         cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
         route = baseline_route(args.baseline, cal, args.budget, args.seed)
+    elif args.policy:
+        import layerroute.routers  # noqa: F401  (registers the "router" policy type)
+        from layerroute.policies import load_policy
+
+        route = load_policy(args.policy, ex)  # a RoutingPolicy: evaluate() calls its route_batch
     else:
         route = ex.route(args.route)
-    print(f"route: {route.describe()}", file=sys.stderr)
+    what = {"policy": str(args.policy), "policy_type": route.type} if args.policy else {"route": route.to_dict()}
+    print(f"policy: {args.policy} ({route.type})" if args.policy else f"route: {route.describe()}", file=sys.stderr)
     store = None
     if args.output:
         store = ResultsStore(args.output, eval_header(ex, task, args.split, args.seed, _identity(args)),
@@ -120,7 +385,7 @@ def cmd_eval(args) -> int:
         result = evaluate(ex, tok, split, route, batch_size=args.batch_size, limit=args.limit, store=store)
         print(result.summary())
         if store is not None:
-            write_summary(store, result, {"route": route.to_dict(), "task_source": task.source})
+            write_summary(store, result, {**what, "task_source": task.source})
             print(f"wrote {store.path}")
     finally:
         if store is not None:
@@ -153,32 +418,43 @@ def cmd_baselines(args) -> int:
 
 
 def cmd_search(args) -> int:
-    """``layerroute search NAME``: any registered searcher, into a resumable results store."""
-    from layerroute.objective import Objective
+    """``layerroute search NAME``: any registered searcher, into a resumable results store (on Ray with
+    ``--workers`` or ``--ray-address``)."""
+    from dataclasses import asdict
+
     from layerroute.search import get_searcher, run_search
     from layerroute.search.base import config_from_args
+    from layerroute.search.distributed import SearchSpec, check_ray_args, run_search_distributed
     from .budget import Budget
-    from .executor import RouteExecutor
     from .route import Route
     from .store import ResultsStore
 
     cls = get_searcher(args.searcher)
     config = config_from_args(cls.Config, args)
-    budget = Budget.parse(args.budget)
+    Budget.parse(args.budget)  # refuse a bad budget before loading anything
     task = _task(args)
-    model, tok = _load(args)
-    ex = RouteExecutor(model)
-    obj = Objective.from_task(ex, tok, task, args.split, args.limit, args.seed, reward=args.reward, lam=args.lam,
-                              budget=budget, batch_rows=args.batch_rows)
-    searcher = cls(obj, config, seed=args.seed)
-    header = {"kind": f"search:{cls.name}", "settings": {**_identity(args), **searcher.settings()},
+    on_ray = args.workers is not None or bool(args.ray_address)
+    if on_ray:
+        check_ray_args(args.workers, args.ray_address)
+    # The same spec builds the searcher here and, on Ray, in every actor.
+    spec = SearchSpec(searcher=cls.name, task=args.task, config=asdict(config), task_options=_task_options(args),
+                      model=args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      split=args.split, limit=args.limit, seed=args.seed,
+                      objective=dict(reward=args.reward, lam=args.lam, budget=args.budget, batch_rows=args.batch_rows))
+    searcher = spec.build(task)
+    obj, ex = searcher.objective, searcher.objective.executor
+    common = {k: v for k, v in _identity(args).items() if k not in spec.config}  # the searcher's own options:
+    header = {"kind": f"search:{cls.name}", "settings": {**common, **searcher.settings()},  # as settings() says
               "model": ex.fingerprint.to_dict(), "task": task.name, "split": args.split, "seed": args.seed}
     if cls.oracle:
         print(f"note: {cls.name} reads the labels of the samples it routes; its rewards are an oracle upper bound",
               file=sys.stderr)
     out = args.output or f"runs/search-{cls.name}-{args.task.replace(':', '-').replace('/', '-')}"
     with ResultsStore(out, header, overwrite=args.overwrite) as store:
-        summary = run_search(searcher, store)
+        if on_ray:
+            summary = run_search_distributed(spec, store, args.workers, args.ray_address, searcher=searcher)
+        else:
+            summary = run_search(searcher, store)
         if "route" in summary:
             route = Route.from_dict(summary["route"], ex.fingerprint)
             route.save(store.path.parent / "route.json")
@@ -190,11 +466,64 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_train_ppo(args) -> int:
+    """``layerroute train-ppo``: PPO on the routing env (search split), resumable; exports DIR/policy."""
+    from layerroute.envs.routing_env import LayerRoutingVecEnv
+    from layerroute.policies.ppo import train_ppo
+    from .executor import RouteExecutor
+    from .store import ResultsStore
+
+    task = _task(args)  # the arguments were checked by _validate (CHECKS) before
+    model, tok = _load(args)
+    ex = RouteExecutor(model)
+    venv = LayerRoutingVecEnv(args.n_envs, ex, tok, task, mode=args.mode, reward=args.reward, lam=args.lam,
+                              budget=args.budget, limit=args.limit, seed=args.seed, obs_dim=args.obs_dim,
+                              batch_rows=args.batch_rows)
+    settings = {k: v for k, v in _identity(args).items() if k not in ("timesteps", "device", "no_progress")}
+    header = {"kind": "train-ppo", "settings": settings, "model": ex.fingerprint.to_dict(), "task": task.name,
+              "split": "search", "seed": args.seed}
+    out = args.output or f"runs/ppo-{args.task.replace(':', '-').replace('/', '-')}"
+    with ResultsStore(out, header, overwrite=args.overwrite) as store:
+        if args.overwrite:
+            import shutil
+
+            shutil.rmtree(store.path.parent / "checkpoints", ignore_errors=True)
+        _, policy = train_ppo(venv, store, args.timesteps, seed=args.seed, device=args.device, n_steps=args.n_steps,
+                              batch_size=args.batch_size, learning_rate=args.lr, progress=not args.no_progress)
+        print(f"wrote {store.path}" + ("" if policy is None else f"; policy in {store.path.parent / 'policy'} "
+                                       f"(evaluate with: layerroute eval --policy {store.path.parent / 'policy'})"))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    """``layerroute analyze STORE``: oracle figures, action heatmap and reward histogram of an MCTS store."""
+    from pathlib import Path
+
+    from layerroute.search.analyze import report
+
+    print(report(args.store, args.output))
+    out = args.output or (args.store if Path(args.store).is_dir() else Path(args.store).parent)
+    print(f"wrote {Path(out) / 'analyze.md'}, actions.png and rewards.png")
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from .tasks import list_tasks
 
     print("\n".join(list_tasks(usage=True)))
     return 0
+
+
+def cmd_train_router(args) -> int:
+    from layerroute.routers.training import train_router_command
+
+    return train_router_command(args, _load)
+
+
+def cmd_pipeline(args) -> int:
+    from layerroute.routers.pipeline import run_pipeline
+
+    return run_pipeline(args, _load)
 
 
 def cmd_demo(args) -> int:
@@ -220,7 +549,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerroute", description=__doc__)
+    parser = _Parser(prog="layerroute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="layers, parameters, and whether the model can be routed")
@@ -231,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--route", default=None,
                    help="JSON file or spec: identity, skip:20-24, repeat:10, repeat:10x3, chain:0-9,9,10-29 (join with +)")
+    p.add_argument("--router", default=None, help="a trained router directory: routers pick the route per prompt")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -247,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--route", default=None, help="route JSON file or spec (default: identity)")
     group.add_argument("--baseline", default=None, help="static baseline: unified, drop_last, similarity, greedy, random")
+    group.add_argument("--policy", default=None, help="a saved routing policy (directory with policy_config.json, "
+                       "e.g. from train-ppo) or a route JSON file")
+    group.add_argument("--router", dest="policy", default=None,
+                       help="a trained router directory (from train-router or pipeline); same as --policy DIR")
     p.add_argument("--budget", type=float, default=0.8, help="share of blocks a --baseline may run")
     p.add_argument("--calib-limit", type=int, default=32, help="calibration examples for --baseline")
     p.set_defaults(func=cmd_eval)
@@ -276,13 +610,54 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--lambda", dest="lam", type=float, default=0.0, help="compute penalty per share of blocks")
         q.add_argument("--budget", default=None, help="hard budget: a share of blocks (0.8) or a block count (24)")
         q.add_argument("--batch-rows", type=int, default=64, help="token rows per executor call")
+        q.add_argument("--workers", type=int, default=None,
+                       help="spread the units over N Ray actors on a local Ray (one torch thread, or GPU, each)")
+        q.add_argument("--ray-address", default=None, help="join the Ray cluster at HOST:PORT instead")
         add_config_arguments(q, cls.Config)
         q.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("train-ppo", help="train a PPO routing policy on the search split (resumes from --output)")
+    _add_model_args(p)
+    _add_task_args(p)
+    p.set_defaults(batch_size=256, limit=512)
+    p.add_argument("--mode", default="per_sample", choices=["per_sample", "cola", "per_token"],
+                   help="per_sample: skip/execute/repeat per layer; cola: next block or stop; per_token: token "
+                        "groups per layer (not exportable as a policy)")
+    p.add_argument("--reward", default="margin", choices=["margin", "correct"])
+    p.add_argument("--lambda", dest="lam", type=float, default=0.0, help="compute penalty per share of blocks")
+    p.add_argument("--budget", default=None, help="hard budget: a share of blocks (0.8) or a block count (24)")
+    p.add_argument("--timesteps", type=int, required=True, help="total environment steps (a rerun extends/resumes)")
+    p.add_argument("--n-envs", type=int, default=16, help="episodes advanced together per step")
+    p.add_argument("--n-steps", type=int, default=64, help="steps per env per PPO rollout")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--obs-dim", type=int, default=16, help="principal components of the hidden-state summary")
+    p.add_argument("--batch-rows", type=int, default=64, help="token rows per executor call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_ppo)
 
     p = sub.add_parser("tasks", help="list the task specs --task accepts")
     p.set_defaults(func=cmd_tasks)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default model, offline")
+    p = sub.add_parser("analyze", help="oracle figures of an MCTS store: shorter routes, fixed samples, action heatmap")
+    p.add_argument("store", help="an MCTS results store (folder or results.jsonl)")
+    p.add_argument("--output", default=None, help="folder for analyze.md and the PNGs (default: the store's folder)")
+    p.set_defaults(func=cmd_analyze)
+
+    from layerroute.routers.pipeline import add_pipeline_arguments
+    from layerroute.routers.training import add_train_arguments
+
+    p = sub.add_parser("train-router", help="train per-layer routers on searched routes (MCTS, Optuna or PPO stores)")
+    _add_model_args(p)
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train_router)
+
+    p = sub.add_parser("pipeline", help="the main job: MCTS search, train routers, evaluate against the full model "
+                       "and the best static route, generate with the routed model")
+    _add_model_args(p)
+    add_pipeline_arguments(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("demo", help="the earlier demo: routed generation along three routes, then static baselines")
     _add_model_args(p)
     p.add_argument("--budgets", default="1.0,0.9,0.8,0.7")
     p.add_argument("--limit", type=int, default=40, help="test examples per evaluation (kept small for a demo)")
@@ -294,12 +669,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_dirs(path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first (removed again if a run fails)."""
+    missing, p = [], Path(str(path)).expanduser() if path else None
+    while p is not None and not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command. A user error (a bad argument, an unreadable file, an unsupported model) ends
+    in one ``error:`` line and exit status 2; ``--debug`` adds the traceback."""
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed on one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    args.debug = getattr(args, "debug", False)
+    created = _missing_dirs(getattr(args, "output", None))
+    try:
+        _validate(args)
         return args.func(args)
-    except LayerRouteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (LayerRouteError, OSError, KeyboardInterrupt) as exc:
+        if isinstance(exc, OSError) and not exc.filename:
+            raise  # not a file the user named: a bug, shown with its traceback
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        for d in created:  # leave nothing behind: the output directories this run made, if still empty
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        if isinstance(exc, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        if isinstance(exc, OSError):
+            print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -5,12 +5,24 @@ class LayerRouteError(Exception):
     """Base class of every error layerroute raises on bad input."""
 
 
+class InputError(LayerRouteError, ValueError):
+    """An argument out of range or of the wrong shape (no tokens, ``max_new_tokens < 1``, ...)."""
+
+
 class ModelNotFoundError(LayerRouteError, FileNotFoundError):
     """A model name or path that is neither a file, a directory, nor a reachable hub id."""
 
 
+class ModelFileError(LayerRouteError, ValueError):
+    """A model file or directory that exists but cannot be read (corrupt GGUF, config or weights)."""
+
+
 class UnsupportedModelError(LayerRouteError, TypeError):
     """A model whose structure the executor cannot walk (encoder-only, no decoder stack, ...)."""
+
+
+class NotExactError(UnsupportedModelError):
+    """A model on which the identity route does not reproduce the model's own forward."""
 
 
 class RouteError(LayerRouteError, ValueError):

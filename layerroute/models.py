@@ -7,7 +7,12 @@ safetensors under ``$LAYERROUTE_CACHE`` (default: the XDG user cache, ``~/.cache
 ``decoder_stack`` checks, by structure rather than by name, that a model can be routed: a
 causal LM whose base model exposes ``embed_tokens``, ``layers``, ``norm`` and ``rotary_emb``,
 with decoder layers that take ``position_embeddings`` and ``cache``. That covers the Llama,
-Qwen2, Qwen3, Mistral, Gemma, Gemma2, Gemma3 and Phi3 families.
+Qwen2, Qwen3, Mistral, Gemma, Gemma2, Gemma3 and Phi3 families, and families that scale
+around the layers in a known way (Granite's embedding multiplier and logits divisor, Cohere's
+logit scale), which the executor reproduces. Hybrid (linear attention, state-space,
+convolution), chunked-attention and multimodal models are refused with the reason. The
+structure is necessary, not sufficient: ``RouteExecutor`` also proves on a probe that the
+identity route reproduces the model's own forward (``executor.self_check``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FingerprintMismatchError, ModelNotFoundError, UnsupportedModelError
+from .errors import FingerprintMismatchError, InputError, ModelFileError, ModelNotFoundError, UnsupportedModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -76,11 +81,17 @@ class ModelFingerprint:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelFingerprint:
-        try:
-            return cls(**{k: data[k] for k in ("architecture", "num_layers", "hidden_size")},
-                       block_params=int(data.get("block_params", 0)), num_heads=int(data.get("num_heads", 0)))
-        except (KeyError, TypeError) as exc:
-            raise FingerprintMismatchError(f"malformed model fingerprint {data!r}: {exc}") from None
+        if not isinstance(data, dict):
+            raise FingerprintMismatchError(f"malformed model fingerprint {data!r}: expected a JSON object")
+        missing = [k for k in ("architecture", "num_layers", "hidden_size") if k not in data]
+        if missing:
+            raise FingerprintMismatchError(f"malformed model fingerprint {data!r}: missing {', '.join(missing)}")
+        counts = {k: data.get(k, 0) for k in ("num_layers", "hidden_size", "block_params", "num_heads")}
+        bad = [k for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if not isinstance(data["architecture"], str) or bad:
+            raise FingerprintMismatchError(f"malformed model fingerprint {data!r}: architecture must be a string "
+                                           f"and {', '.join(counts)} non-negative integers")
+        return cls(data["architecture"], **counts)
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,9 @@ class DecoderStack:
     logit_softcap: float | None
     attn_implementation: str
     fingerprint: ModelFingerprint
+    embed_multiplier: float | None = None  # Granite: embeddings x embedding_multiplier before the blocks
+    logit_multiplier: float | None = None  # Cohere: logits x logit_scale
+    logit_divisor: float | None = None  # Granite, MiniCPM3: logits / logits_scaling
 
 
 def _supported_message(model: torch.nn.Module, why: str) -> str:
@@ -108,6 +122,61 @@ def _supported_message(model: torch.nn.Module, why: str) -> str:
     )
 
 
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _multimodal_reason(model: torch.nn.Module, config) -> str | None:
+    """Why a multimodal model is refused, naming its text-only class where transformers has one."""
+    parts = [n.removesuffix("_config") for n in ("vision_config", "audio_config", "speech_config")
+             if getattr(config, n, None) is not None]
+    text = getattr(config, "text_config", None)
+    if text is None and not parts:
+        return None
+    kind = getattr(config, "model_type", "?")
+    reason = f"it is a multimodal model ({kind}: text with {' and '.join(parts) or 'other inputs'})"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(text, "model_type", None))
+    if name and name != type(model).__name__:
+        reason += (f"; layerroute routes text-only decoders, so use its text-only class {name} "
+                   f"(model_type {text.model_type!r})")
+    return reason
+
+
+_STATE_SPACE_KEYS = ("mamba_d_state", "mamba_d_ssm", "ssm_state_size", "state_size", "conv_L_cache", "lru_width",
+                     "attn_layer_period", "attn_layer_indices")
+
+
+def _hybrid_reason(config) -> str | None:
+    """Why a stack whose blocks are not all softmax attention (hybrid, state-space, chunked) is refused."""
+    kinds = [str(t) for t in (getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)
+                              or getattr(config, "block_types", None) or [])]
+    other = sorted({t for t in kinds if t not in _ATTENTION_LAYER_TYPES})
+    if "chunked_attention" in other:
+        return (f"it uses chunked attention ({kinds.count('chunked_attention')} of its {len(kinds)} layers attend "
+                f"only within chunks of {getattr(config, 'attention_chunk_size', '?')} tokens), a mask the executor "
+                f"does not build")
+    if other:
+        count = sum(t in other for t in kinds)
+        what = "its layers are" if count == len(kinds) else \
+            f"it is a hybrid model: {count} of its {len(kinds)} layers {'are' if count > 1 else 'is'}"
+        return (f"{what} {', '.join(map(repr, other))}, not softmax attention with a KV cache, and the executor "
+                f"routes attention blocks only")
+    ssm = [k for k in _STATE_SPACE_KEYS if getattr(config, k, None) is not None]
+    if ssm:
+        return (f"it is a state-space, recurrent or convolution model or hybrid (its config sets {', '.join(ssm)}), "
+                f"and the executor routes softmax attention blocks only")
+    return None
+
+
+def _scales(base, config) -> dict:
+    """Scalings that the model applies outside its decoder layers and that the executor reproduces."""
+    found = {"embed_multiplier": getattr(base, "embedding_multiplier", None),  # Granite family
+             "logit_multiplier": getattr(config, "logit_scale", None),  # Cohere family
+             "logit_divisor": getattr(config, "logits_scaling", None)}  # Granite family, MiniCPM3
+    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float)) and float(v) != 1.0}
+
+
 def decoder_stack(model: torch.nn.Module) -> DecoderStack:
     """Describe ``model``'s block stack, or raise ``UnsupportedModelError`` saying why not."""
     config = getattr(model, "config", None)
@@ -115,6 +184,9 @@ def decoder_stack(model: torch.nn.Module) -> DecoderStack:
         raise UnsupportedModelError(_supported_message(model, "it has no Hugging Face config"))
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(_supported_message(model, "it is an encoder-decoder model"))
+    reason = _multimodal_reason(model, config) or _hybrid_reason(config)
+    if reason:
+        raise UnsupportedModelError(f"{type(model).__name__} is not supported: {reason}")
     base = getattr(model, "model", None)
     missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(base, n)]
     if base is None or missing:
@@ -156,7 +228,7 @@ def decoder_stack(model: torch.nn.Module) -> DecoderStack:
         embed=base.embed_tokens, layers=layers, norm=base.norm, rotary=base.rotary_emb, head=head,
         windows=windows, layer_types=layer_types, rotary_takes_layer_type="layer_type" in rotary_params,
         logit_softcap=getattr(config, "final_logit_softcapping", None), attn_implementation=attn,
-        fingerprint=fp,
+        fingerprint=fp, **_scales(base, config),
     )
 
 
@@ -175,18 +247,55 @@ def _resolve_dtype(dtype, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))} or auto")
     return _DTYPES[dtype]
 
 
-def _check_device(device: str) -> None:
-    kind = device.split(":")[0]
+def check_device(device: str) -> None:
+    """Raise ``InputError`` unless torch can use ``device`` (cpu, cuda, cuda:N or mps)."""
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()) or (index and kind != "cuda"):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
+        raise InputError(f"device {device!r} was asked for but torch sees no CUDA GPU")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise InputError(f"device {device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for but this torch build has no MPS backend")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'mps'")
+        raise InputError("device 'mps' was asked for but this torch build has no MPS backend")
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ``ModelNotFoundError`` / ``ModelFileError`` unless ``path`` is a GGUF file (magic bytes)."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file {path} does not exist")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read GGUF file {path}: {exc.strerror}") from None
+    if not magic:
+        raise ModelFileError(f"GGUF file {path} is empty")
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def check_model_name(name_or_path: str) -> None:
+    """Cheap checks of a ``--model`` value before anything is loaded: local paths must exist and
+    look like a model (a GGUF file, or a directory with config.json). Hub ids pass."""
+    if not str(name_or_path).strip():
+        raise ModelNotFoundError("empty model name; give the embedded default, a hub id, a directory or a .gguf file")
+    if name_or_path in _EMBEDDED:
+        return
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        check_gguf(path)
+    elif path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a directory without config.json, so not a Hugging Face model")
+        if path.is_file():
+            raise ModelFileError(f"{path} is a file but not a .gguf; give a model directory, a hub id or a .gguf file")
+    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelNotFoundError(f"model path {name_or_path!r} does not exist")
 
 
 def embedded_gguf(name: str) -> Path:
@@ -210,9 +319,13 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    check_gguf(gguf)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+        raise ModelFileError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain tensors once dequantized; drop the GGUF marker so they serialize.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -235,38 +348,42 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map the embedded default or a ``.gguf`` file to a cached directory; pass ids through."""
     if name_or_path in _EMBEDDED:
         return str(dequantized_gguf_dir(embedded_gguf(name_or_path)))
+    check_model_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file {path} does not exist")
         return str(dequantized_gguf_dir(path))
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a directory without config.json, so not a Hugging Face model")
-        return str(path)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ModelNotFoundError(f"model path {name_or_path!r} does not exist")
-    return name_or_path
+    return str(path) if path.exists() else name_or_path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype=None, *,
                trust_remote_code: bool = False, check_supported: bool = True):
     """Load a frozen causal LM and its tokenizer: ``(model, tokenizer)``.
 
-    The model is in eval mode with gradients off. ``check_supported=False`` skips the
-    structure check (``layerroute info`` uses it to report why a model is unsupported).
+    The model is in eval mode with gradients off. Unless ``check_supported=False`` (``layerroute
+    info`` uses that to report why a model is unsupported), the structure check and the
+    exactness self-check run, and an unsupported model raises ``UnsupportedModelError``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    _check_device(device)
+    check_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
+    local = Path(path).exists()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise ModelNotFoundError(
-            f"cannot load model {name_or_path!r}: not a local path, and the hub is unreachable or has no such "
-            f"model ({str(exc).splitlines()[0]})") from None
+        if not local:
+            raise ModelNotFoundError(
+                f"cannot load model {name_or_path!r}: not a local path, and the hub is unreachable or has no such "
+                f"model ({str(exc).splitlines()[0]})") from None
+        raise ModelFileError(f"cannot read the config of {path}: {_first_line(exc)}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"cannot read the config of {name_or_path}: {_first_line(exc)}") from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -275,9 +392,33 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype=Non
                 f"{type(config).__name__} ({config.model_type}) has no causal-LM head; it is an encoder-only or "
                 f"otherwise non-decoder model. layerroute supports decoder-only LMs "
                 f"(families: {', '.join(SUPPORTED_FAMILIES)})") from None
-        raise
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        raise ModelFileError(f"cannot load the weights of {name_or_path}: {_first_line(exc)}") from exc
+    except Exception as exc:  # corrupt or mismatched weight files: safetensors, OSError, size mismatches
+        raise ModelFileError(f"cannot load the weights of {name_or_path}: {_first_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a missing or corrupt tokenizer file (the tokenizers library raises bare Exceptions)
+        raise ModelFileError(f"cannot load the tokenizer of {name_or_path}: {_first_line(exc)}") from exc
     model.to(device).eval().requires_grad_(False)
     if check_supported:
-        decoder_stack(model)
+        from .executor import verify_model
+
+        verify_model(model)
     return model, tokenizer
+
+
+def weights_digest(model: torch.nn.Module, sample: int = 4096) -> str:
+    """A short SHA-256 that identifies a checkpoint's weights, not just its shape.
+
+    Hashes every tensor's name and shape plus ``sample`` evenly strided values of it, rounded
+    to bfloat16 (so float32 and bfloat16 loads of one checkpoint agree). Cheap (well under a
+    second for SmolLM2-135M); two checkpoints of the same shape (base and Instruct) differ.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        if flat.is_floating_point():
+            flat = flat[:: max(1, flat.numel() // sample)][:sample].to(torch.bfloat16).float()
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        h.update(flat.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -26,6 +26,7 @@ from .errors import RouteError
 from .models import ModelFingerprint
 
 FORMAT_VERSION = 1
+_MAX_LAYERS = 100_000  # bounds a spec checked without a model
 ACTIONS = ("skip", "execute", "repeat")
 
 
@@ -78,28 +79,13 @@ class Route:
         n = fingerprint.num_layers
         counts = [1] * n
         chain = None
-        for part in filter(None, (p.strip() for p in spec.split("+"))):
-            op, _, arg = part.partition(":")
-            op = op.strip().lower()
-            if op in ("identity", "full", "all") and not arg:
-                continue
-            if op == "skip":
-                for i in _indices(arg, n, part):
-                    counts[i] = 0
-            elif op == "repeat":
-                idx, _, times = arg.partition("x")
-                k = _int(times, part) if times else 2
-                if k < 2:
-                    raise RouteError(f"{part!r}: a repeat runs a block at least twice")
-                for i in _indices(idx, n, part):
-                    counts[i] = k
-            elif op == "chain":
-                chain = _indices(arg, n, part, allow_repeats=True)
+        for op, indices, passes in _read_spec(spec, n):
+            if op == "chain":
+                chain = indices
             else:
-                raise RouteError(f"unknown route action {op!r} in {spec!r}; use identity, skip:, repeat: or chain:")
+                for i in indices:
+                    counts[i] = passes
         if chain is not None:
-            if counts != [1] * n:
-                raise RouteError(f"{spec!r}: chain: cannot be combined with skip: or repeat:")
             return cls(tuple(chain), fingerprint)
         return cls(tuple(i for i, c in enumerate(counts) for _ in range(c)), fingerprint)
 
@@ -163,8 +149,11 @@ class Route:
         """Rebuild a route; with ``fingerprint``, refuse one made for another model."""
         if not isinstance(data, dict) or data.get("format") != "layerroute.route":
             raise RouteError("not a layerroute route (missing \"format\": \"layerroute.route\")")
-        if data.get("version", 0) > FORMAT_VERSION:
-            raise RouteError(f"route format version {data['version']} is newer than this layerroute "
+        version = data.get("version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RouteError(f"route format version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise RouteError(f"route format version {version} is newer than this layerroute "
                              f"({FORMAT_VERSION}); upgrade layerroute")
         saved = ModelFingerprint.from_dict(data.get("model") or {})
         if fingerprint is not None:
@@ -177,11 +166,26 @@ class Route:
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: ModelFingerprint | None = None) -> Route:
+        """Read a route JSON file; every problem is a ``RouteError`` that names the file."""
+        path = Path(path)
         try:
-            data = json.loads(Path(path).read_text())
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise RouteError(f"route file {path} does not exist") from None
+        except OSError as exc:
+            raise RouteError(f"cannot read route file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise RouteError(f"{path} is not a route file: it is not UTF-8 JSON text") from None
+        if not text.strip():
+            raise RouteError(f"route file {path} is empty")
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RouteError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data, fingerprint)
+        try:
+            return cls.from_dict(data, fingerprint)
+        except RouteError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
 
 
 def resolve_route(spec: str | Route | None, fingerprint: ModelFingerprint) -> Route:
@@ -191,11 +195,50 @@ def resolve_route(spec: str | Route | None, fingerprint: ModelFingerprint) -> Ro
     if isinstance(spec, Route):
         spec.fingerprint.check_matches(fingerprint)
         return spec
-    if spec.endswith(".json") or Path(spec).is_file():
-        if not Path(spec).is_file():
-            raise RouteError(f"route file {spec} does not exist")
+    if _is_file(spec):
         return Route.load(spec, fingerprint)
     return Route.parse(spec, fingerprint)
+
+
+def check_route_arg(spec: str) -> None:
+    """Check a route argument before any model is loaded: a route file's format (the model
+    match is checked later), or a spec's syntax (layer indices are checked against the model later)."""
+    if _is_file(spec):
+        Route.load(spec)
+    else:
+        _read_spec(spec, None)
+
+
+def _is_file(spec: str) -> bool:
+    return isinstance(spec, str) and (spec.endswith(".json") or Path(spec).is_file())
+
+
+def _read_spec(spec: str, n: int | None) -> list[tuple[str, list[int], int]]:
+    """The (op, block indices, passes) of each ``+``-joined part; ``n`` None checks syntax only."""
+    if not isinstance(spec, str) or not spec.replace("+", " ").strip():
+        raise RouteError(f"empty route spec {spec!r}; use identity, skip:, repeat: or chain: (joined with +)")
+    parts = []
+    for part in filter(None, (p.strip() for p in spec.split("+"))):
+        op, _, arg = part.partition(":")
+        op = op.strip().lower()
+        if op in ("identity", "full", "all") and not arg:
+            continue
+        if op == "skip":
+            parts.append((op, _indices(arg, n, part), 0))
+        elif op == "repeat":
+            idx, _, times = arg.partition("x")
+            k = _int(times, part) if times else 2
+            if k < 2:
+                raise RouteError(f"{part!r}: a repeat runs a block at least twice")
+            parts.append((op, _indices(idx, n, part), k))
+        elif op == "chain":
+            parts.append((op, _indices(arg, n, part, allow_repeats=True), 1))
+        else:
+            raise RouteError(f"unknown route action {op!r} in {spec!r}; use identity, skip:, repeat: or chain:")
+    ops = {op for op, _, _ in parts}
+    if "chain" in ops and ops & {"skip", "repeat"}:
+        raise RouteError(f"{spec!r}: chain: cannot be combined with skip: or repeat:")
+    return parts
 
 
 def _int(text: str, part: str) -> int:
@@ -205,7 +248,7 @@ def _int(text: str, part: str) -> int:
         raise RouteError(f"{part!r}: {text!r} is not an integer") from None
 
 
-def _indices(arg: str, n: int, part: str, allow_repeats: bool = False) -> list[int]:
+def _indices(arg: str, n: int | None, part: str, allow_repeats: bool = False) -> list[int]:
     if not arg.strip():
         raise RouteError(f"{part!r} names no layers")
     out: list[int] = []
@@ -217,10 +260,11 @@ def _indices(arg: str, n: int, part: str, allow_repeats: bool = False) -> list[i
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise RouteError(f"{part!r}: range {lo}-{hi} is backwards")
-        for i in range(lo, hi + 1):
-            if not 0 <= i < n:
-                raise RouteError(f"layer index {i} in {part!r} is out of range: the model has blocks 0..{n - 1}")
-            out.append(i)
+        bad = lo if lo < 0 else max(lo, n) if n is not None and hi >= n else None
+        if bad is not None or hi >= _MAX_LAYERS:
+            raise RouteError(f"layer index {hi if bad is None else bad} in {part!r} is out of range: the model has "
+                             f"blocks 0..{'L-1' if n is None else n - 1}")
+        out.extend(range(lo, hi + 1))
     if not allow_repeats and len(set(out)) != len(out):
         raise RouteError(f"{part!r} names a layer twice")
     return out

@@ -2,5 +2,6 @@
 saved-policy registry (``load_policy``). PPO policies and routers register here too."""
 
 from .base import POLICIES, PolicyError, RoutingPolicy, StaticPolicy, load_policy, register_policy
+from .ppo_policy import PPOPolicy
 
-__all__ = ["POLICIES", "PolicyError", "RoutingPolicy", "StaticPolicy", "load_policy", "register_policy"]
+__all__ = ["POLICIES", "PPOPolicy", "PolicyError", "RoutingPolicy", "StaticPolicy", "load_policy", "register_policy"]

@@ -21,6 +21,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import ClassVar
 
 from tqdm.auto import tqdm
@@ -71,6 +72,7 @@ class Searcher(ABC):
     Config: ClassVar[type[SearchConfig]] = SearchConfig
     per_sample: ClassVar[bool] = False  # True: one record per sample, each with its own route
     oracle: ClassVar[bool] = False  # True: it reads labels of the samples it routes (an upper bound)
+    workdir: Path | None = None  # the results store's folder (set by the driver): for a searcher's own files
 
     def __init__(self, objective: Objective, config: SearchConfig | None = None, seed: int = 0):
         self.objective, self.config, self.seed = objective, config or self.Config(), seed
@@ -98,6 +100,7 @@ class Searcher(ABC):
 
 def run_search(searcher: Searcher, store: ResultsStore, progress: bool = True) -> dict:
     """Run the pending units of ``searcher`` into ``store``; return the summary."""
+    searcher.workdir = store.path.parent
     done = store.done()
     keys = [k for k in searcher.units() if k not in done]
     if not keys and store.summary() is not None and store.records[-1].get("type") == "summary":

@@ -168,6 +168,8 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
                   store=None) -> list[dict]:
     """Evaluate every baseline at every budget on the test split, calibrated on the search split.
 
+    ``names`` may add ``"optuna"``: the best route of an Optuna study (``optuna_route``) as its own row.
+
     Returns one row per (baseline, budget) plus the full model, each with its route. With a
     ``ResultsStore``, each row is appended when done and rows already there are not redone.
     """
@@ -175,8 +177,8 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
 
     names = list(names or BASELINES)
     for n in names:
-        if n not in BASELINES:
-            raise RouteError(f"unknown baseline {n!r}; choose from {', '.join(BASELINES)}")
+        if n not in BASELINES and n != "optuna":
+            raise RouteError(f"unknown baseline {n!r}; choose from {', '.join(BASELINES)} (or optuna)")
     blocks = {b: blocks_for_ratio(b, executor.num_layers) for b in budgets}  # validates before any work
     stored = {r["key"]: r for r in (store.records if store is not None else []) if r.get("type") == "row"}
     plan = [("full", 1.0)] + [(n, b) for b in budgets for n in names if blocks[b] < executor.num_layers]
@@ -188,7 +190,12 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
             continue
         if name != "full" and cal is None:
             cal = Objective.from_task(executor, tokenizer, task, "search", calib_limit, seed, option="--calib-limit")
-        route = executor.route() if name == "full" else baseline_route(name, cal, ratio, seed)
+        if name == "optuna":  # an optional row: a TPE study on the same calibration examples and budget
+            from .optuna_search import optuna_route
+
+            route = optuna_route(cal, blocks[ratio], seed)
+        else:
+            route = executor.route() if name == "full" else baseline_route(name, cal, ratio, seed)
         if route.layers not in seen:  # baselines that agree share one evaluation
             seen[route.layers] = evaluate(executor, tokenizer, test, route, batch_size=batch_size, limit=limit,
                                           progress=progress)

@@ -18,6 +18,11 @@ FAMILIES = {
     "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(sliding_window=6)),
     "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(sliding_window=6)),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(pad_token_id=0)),
+    # Families that scale outside their decoder layers, which the executor reproduces:
+    # Granite multiplies the embeddings and divides the logits, Cohere multiplies the logits.
+    "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, dict(embedding_multiplier=12.0, logits_scaling=8.0,
+                                                               residual_multiplier=0.22, attention_multiplier=0.0625)),
+    "cohere": (tf.CohereConfig, tf.CohereForCausalLM, dict(logit_scale=0.0625, pad_token_id=0)),
 }
 
 
@@ -66,3 +71,13 @@ def tiny_dir(tmp_path_factory):
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def assert_logits_close(actual, expected, rel: float = 1e-5):
+    """Logits agree within ``rel`` of their scale: max |a - b| <= rel * max(1, max |b|).
+
+    fp32 rounding grows with the logits' size and the context length, so a fixed absolute
+    bound is either loose for small logits or flaky for long contexts."""
+    scale = max(1.0, expected.abs().max().item())
+    diff = (actual - expected).abs().max().item()
+    assert diff <= rel * scale, f"logits differ by {diff:.3g}, more than {rel:g} x their scale {scale:.3g}"

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from layerroute import Route, RouteError, RouteExecutor
+from layerroute import InputError, LayerRouteError, Route, RouteError, RouteExecutor
 
-from .conftest import FAMILIES, padded_batch, tiny_model
+from .conftest import FAMILIES, assert_logits_close, padded_batch, tiny_model
 
 
 def hf_logits(model, ids, mask):
@@ -37,6 +37,7 @@ def random_routes(fp, n, rng):
 def test_identity_route_matches_hf_forward(family):
     model = tiny_model(family)
     ex = RouteExecutor(model)
+    assert ex.check.passed and ex.check.max_diff <= ex.check.tolerance * ex.check.scale  # the self-check ran
     ids, mask = padded_batch(model.config.vocab_size, [14, 9, 14], 14)
     ref = hf_logits(model, ids, mask)
     out = ex(ids, mask).logits
@@ -80,7 +81,7 @@ def test_cached_generation_equals_recomputation(family):
     cached = ex.generate(ids, mask, routes, **kw)
     plain = ex.generate(ids, mask, routes, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
-    assert (cached.logits - plain.logits).abs().max().item() <= 1e-4
+    assert_logits_close(cached.logits, plain.logits)
 
 
 def test_cache_gives_each_pass_its_own_slot_and_skips_store_nothing():
@@ -126,7 +127,7 @@ def test_per_token_mask_cached_equals_recomputation(family):
     cached = ex.generate(ids, mask, routes, **kw)
     plain = ex.generate(ids, mask, routes, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
-    assert (cached.logits - plain.logits).abs().max().item() <= 1e-4
+    assert_logits_close(cached.logits, plain.logits)
     # the mask matters: all-true equals no mask, and a sparse mask differs
     full = ex(ids, mask, routes, token_mask=torch.ones(3, L, 6, dtype=torch.bool)).logits
     assert torch.equal(full, ex(ids, mask, routes).logits)
@@ -185,4 +186,62 @@ def test_smollm2_identity_matches_hf_and_cached_generation(smollm):
     cached = ex.generate(batch.input_ids, batch.attention_mask, routes, **kw)
     plain = ex.generate(batch.input_ids, batch.attention_mask, routes, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
-    assert (cached.logits - plain.logits).abs().max().item() <= 1e-4
+    assert_logits_close(cached.logits, plain.logits)
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_long_context_cached_generation_equals_recomputation(dtype, rel):
+    """520-token prompts: fp32 rounding moves logits relative to their scale; fp64 agrees tightly."""
+    model = tiny_model("llama", max_position_embeddings=1024).to(dtype)
+    ex = RouteExecutor(model)
+    ids, mask = padded_batch(model.config.vocab_size, [520, 400], 520, seed=7)
+    kw = dict(max_new_tokens=4, output_logits=True)
+    for routes in (None, ["repeat:1+skip:3", "chain:4,0,1"]):
+        cached = ex.generate(ids, mask, routes, **kw)
+        plain = ex.generate(ids, mask, routes, use_cache=False, **kw)
+        assert torch.equal(cached.sequences, plain.sequences)
+        assert_logits_close(cached.logits, plain.logits, rel=rel)
+
+
+def test_self_check_runs_once_per_model():
+    model = tiny_model("llama")
+    first = RouteExecutor(model).check
+    assert RouteExecutor(model).check is first  # cached: building executors stays cheap
+    assert "passed: the identity route equals the HF forward" in first.describe()
+    assert RouteExecutor(model, verify=False).check is None
+
+
+def test_api_refuses_inputs_it_cannot_run():
+    model = tiny_model("llama")
+    ex = RouteExecutor(model)
+    ids = torch.randint(1, 90, (2, 4))
+    bad_calls = [
+        ("has shape \\(1, 0\\)", lambda: ex(torch.zeros(1, 0, dtype=torch.long))),
+        ("has shape \\(0, 3\\)", lambda: ex(torch.zeros(0, 3, dtype=torch.long))),
+        ("integer token ids", lambda: ex(ids.float())),
+        ("token id 96 is outside the model's vocabulary of 96", lambda: ex(torch.full_like(ids, 96))),
+        ("token id -1 is outside", lambda: ex(torch.full_like(ids, -1))),
+        ("sample 1 of the batch has no tokens", lambda: ex(ids, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]))),
+        ("max_new_tokens must be a positive integer, got 0",
+         lambda: ex.generate(ids, max_new_tokens=0, output_logits=True)),
+        ("max_new_tokens must be a positive integer, got -1", lambda: ex.generate(ids, max_new_tokens=-1)),
+        ("temperature must be a positive finite number", lambda: ex.generate(ids, do_sample=True, temperature=0)),
+        ("top_p must be in \\(0, 1\\]", lambda: ex.generate(ids, do_sample=True, top_p=1.5)),
+        ("top_k must be a non-negative integer", lambda: ex.generate(ids, do_sample=True, top_k=-1)),
+        ("has shape \\(1, 0\\)", lambda: ex.generate(torch.zeros(1, 0, dtype=torch.long))),
+        ("has shape \\(1, 0\\)", lambda: ex.begin(torch.zeros(1, 0, dtype=torch.long))),
+    ]
+    for message, call in bad_calls:
+        with pytest.raises(InputError, match=message):
+            call()
+    assert issubclass(InputError, LayerRouteError)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_self_check_in_half_precision_passes_and_still_catches_scaling(dtype, monkeypatch):
+    from layerroute import NotExactError
+
+    assert RouteExecutor(tiny_model("gemma2").to(dtype)).check.passed
+    monkeypatch.setattr("layerroute.models._scales", lambda *a: {})
+    with pytest.raises(NotExactError, match="GraniteForCausalLM failed"):
+        RouteExecutor(tiny_model("granite").to(dtype))

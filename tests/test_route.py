@@ -83,3 +83,48 @@ def test_error_not_a_route_file(tmp_path):
     (tmp_path / "other.json").write_text('{"layers": [1]}')
     with pytest.raises(RouteError, match="not a layerroute route"):
         Route.load(tmp_path / "other.json", FP)
+
+
+def test_error_unreadable_route_files_name_the_file(tmp_path):
+    cases = {
+        "bytes.json": (bytes(range(256)) * 2, "bytes.json is not a route file: it is not UTF-8"),
+        "empty.json": (b"", "route file .*empty.json is empty"),
+        "list.json": (b"[1, 2]", "list.json: not a layerroute route"),
+        "version.json": (json.dumps({**Route.identity(FP).to_dict(), "version": "1"}).encode(),
+                         "version.json: route format version must be a positive integer, got '1'"),
+        "newer.json": (json.dumps({**Route.identity(FP).to_dict(), "version": 9}).encode(),
+                       "version 9 is newer than this layerroute"),
+        "layers.json": (json.dumps({**Route.identity(FP).to_dict(), "layers": ["0"]}).encode(),
+                        "layers.json: route layers must be a list of integers"),
+        "model.json": (json.dumps({**Route.identity(FP).to_dict(), "model": {**FP.to_dict(), "num_layers": "30"}})
+                       .encode(), "model.json: malformed model fingerprint"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(RouteError, match=message):
+            Route.load(tmp_path / name, FP)
+    with pytest.raises(RouteError, match="route file .*missing.json does not exist"):
+        Route.load(tmp_path / "missing.json")
+    with pytest.raises(RouteError, match="cannot read route file"):
+        Route.load(tmp_path)  # a directory
+
+
+def test_error_empty_spec_and_syntax_checks_without_a_model(tmp_path):
+    from layerroute.route import check_route_arg
+
+    for spec in ("", "  ", "+", " + "):
+        with pytest.raises(RouteError, match="empty route spec"):
+            Route.parse(spec, FP)
+        with pytest.raises(RouteError, match="empty route spec"):
+            check_route_arg(spec)
+    check_route_arg("skip:40-45+repeat:3x3")  # indices are checked against the model later
+    for spec, message in [("skip:5-3", "backwards"), ("jump:3", "unknown route action"), ("skip:-1", "out of range"),
+                          ("repeat:2x1", "at least twice"), ("chain:1,2+skip:3", "cannot be combined"),
+                          ("skip:0-99999999", "out of range"), ("skip:a", "cannot read")]:
+        with pytest.raises(RouteError, match=message):
+            check_route_arg(spec)
+    Route.identity(FP).save(tmp_path / "ok.json")
+    check_route_arg(str(tmp_path / "ok.json"))
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(RouteError, match="not UTF-8"):
+        check_route_arg(str(tmp_path / "bad.json"))

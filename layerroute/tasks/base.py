@@ -53,6 +53,20 @@ def stable_rng(key: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big"))
 
 
+def cloze_example(uid: str, question: str, gold: str, pool, rng: random.Random, must=(),
+                  answer_prefix: str | None = None, n_options: int = 4) -> Example:
+    """A choice example whose options are ``gold``, the ``must`` distractors and the rest drawn by
+    ``rng`` from ``pool`` (never ``gold``, never twice), in an order shuffled by ``rng``."""
+    others = sorted({p for p in pool if p != gold and p not in must})
+    need = n_options - 1 - len(must)
+    if need < 0 or len(others) < need or gold in must:
+        raise TaskError(f"example {uid}: cannot make {n_options} distinct options from gold {gold!r}, "
+                        f"{len(must)} fixed and {len(others)} other distractors")
+    options = [gold, *must, *rng.sample(others, need)]
+    rng.shuffle(options)
+    return Example(uid, question, answer_letter(options.index(gold)), tuple(options), answer_prefix)
+
+
 def split_of(uid: str, seed: int = 0) -> str:
     """The split (``search``, ``validation`` or ``test``) that ``uid`` falls in under ``seed``."""
     u, edge = stable_unit(f"{seed}:{uid}"), 0.0

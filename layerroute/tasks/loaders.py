@@ -46,8 +46,12 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise TaskError(f"JSONL file {path} not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise TaskError(f"{path} line {n}: not UTF-8 text; is it a JSONL file?") from None
             if not line.strip():
                 continue
             try:

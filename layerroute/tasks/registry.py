@@ -11,6 +11,8 @@ import inspect
 from typing import Callable
 
 from .base import Task, TaskError
+from .generated import SUBTASKS as GENERATED_SUBTASKS
+from .generated import load_generated
 from .loaders import load_aime2025, load_gpqa, load_gsm8k, load_hf, load_jsonl, load_mmlu
 from .suite import SUBTASKS, load_suite
 
@@ -66,3 +68,4 @@ register_task("aime2025", load_aime2025)
 register_task("jsonl", load_jsonl, "jsonl:<path>")
 register_task("hf", load_hf, "hf:<dataset>[:<config>]:<split>")
 register_task("suite", load_suite, f"suite[:{'|'.join(SUBTASKS)}]")
+register_task("gen", load_generated, f"gen[:{'|'.join(GENERATED_SUBTASKS)}]")

@@ -11,7 +11,7 @@ picks the distractors and their order, per example, from a hash of ``(seed, uid)
 
 from __future__ import annotations
 
-from .base import Example, Task, TaskError, answer_letter, stable_rng
+from .base import Example, Task, TaskError, cloze_example, stable_rng
 
 SUBTASKS = ("capitals", "opposites", "arithmetic", "comparison")
 PREFIXES = {"capitals": "The capital is", "opposites": "The opposite is", "arithmetic": "The answer is",
@@ -73,12 +73,8 @@ def _examples(sub: str, seed: int) -> list[Example]:
     out = []
     for key, question, gold, pool in _items(sub):
         uid = f"suite/{sub}/{key}"
-        rng = stable_rng(f"suite:{seed}:{uid}")
         must = [str(min(map(int, key.split("vs"))))] if sub == "comparison" else []
-        others = sorted({p for p in pool if p != gold and p not in must})
-        options = [gold, *must, *rng.sample(others, 3 - len(must))]
-        rng.shuffle(options)
-        out.append(Example(uid, question, answer_letter(options.index(gold)), tuple(options), PREFIXES[sub]))
+        out.append(cloze_example(uid, question, gold, pool, stable_rng(f"suite:{seed}:{uid}"), must, PREFIXES[sub]))
     return out
 
 

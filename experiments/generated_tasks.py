@@ -1,0 +1,73 @@
+"""Full-model accuracy on each generated sub-task (``gen:<subtask>``), test split.
+
+    python -m layerroute.experiments.generated_tasks [--model smollm2-135m] [--limit 400]
+
+Writes ``experiments/results/generated_tasks.md`` and ``generated_tasks.json``, rewritten after
+each sub-task so that a killed run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from layerroute import RouteExecutor, load_model
+from layerroute.evaluation import evaluate, wilson_interval
+from layerroute.store import atomic_write, environment
+from layerroute.tasks import get_task
+from layerroute.tasks.generated import DEFAULT_SIZE, GENERATORS, SUBTASKS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _row(name, available, test_n, n, right, chance) -> str:
+    lo, hi = wilson_interval(right, n)
+    return (f"| {name} | {available} | {test_n} | {n} | {100 * right / n:.1f}% | {100 * lo:.1f}-{100 * hi:.1f} "
+            f"| {chance} |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help="examples generated per sub-task")
+    ap.add_argument("--limit", type=int, default=400, help="test examples scored per sub-task")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--subtasks", default=",".join(SUBTASKS))
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python -m layerroute.experiments.generated_tasks " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+    model, tok = load_model(args.model)
+    ex = RouteExecutor(model)
+    head = [f"# Full-model accuracy of {args.model} on the generated sub-tasks (test split, seed {args.seed})",
+            "", f"`{cmd}`", "",
+            "Each sub-task generates `size` examples (at most the distinct examples it can make, in brackets); "
+            "the test split holds about 30% of them and the first `limit` are scored. Four options each, so "
+            "chance is 25%.", "",
+            "| sub-task | examples (max) | test split | test n scored | accuracy | 95% CI | chance |",
+            "|---|---|---|---|---|---|---|"]
+    rows, records, total_n, total_right = [], {}, 0, 0
+    for sub in args.subtasks.split(","):
+        task = get_task(f"gen:{sub}", seed=args.seed, size=args.size)
+        test = task.split("test", args.seed)
+        res = evaluate(ex, tok, test, batch_size=args.batch_size, limit=args.limit)
+        right = sum(s.correct for s in res.samples)
+        total_n, total_right = total_n + res.n, total_right + right
+        chance = f"{100 / len(test.examples[0].choices):.0f}%"
+        rows.append(_row(task.name, f"{len(task)} ({GENERATORS[sub][1]:,})", len(test), res.n, right, chance))
+        records[task.name] = {**res.metrics(), "examples": len(task), "max_examples": GENERATORS[sub][1],
+                              "test_split": len(test)}
+        print(rows[-1], flush=True)
+        pooled = [_row("all (pooled)", "", "", total_n, total_right, "25%")] if len(rows) > 1 else []
+        atomic_write(out / "generated_tasks.md", "\n".join(head + rows + pooled) + "\n")
+        atomic_write(out / "generated_tasks.json", json.dumps(
+            {"command": cmd, "environment": environment(), "settings": vars(args), "subtasks": records},
+            indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

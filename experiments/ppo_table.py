@@ -1,0 +1,231 @@
+"""PPO routing policy against the full model, static baselines, the Optuna route and the MCTS oracle.
+
+    OMP_NUM_THREADS=1 python -m layerroute.experiments.ppo_table [--timesteps 8192 --lam 1.0]
+
+Trains PPO (``per_sample`` mode) on the search split of a generated task, then scores on the
+held-out test split: the full model, the PPO policy (greedy), every static baseline and the
+Optuna route at the PPO policy's measured compute (``floor(mean blocks)``, chosen on
+search-split calibration samples), and the MCTS oracle (it reads each test sample's label: an
+upper bound, not a result). Accuracy with 95% Wilson CIs, mean blocks, training cost. Rows are
+kept in a resumable store under ``--run-dir``, and ``experiments/results/ppo_table.md`` and
+``ppo_curve.png`` are rewritten after every row, so a killed run keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from layerroute import RouteExecutor, load_model
+from layerroute.evaluation import evaluate, wilson_interval
+from layerroute.objective import Objective
+from layerroute.route import Route
+from layerroute.store import ResultsStore, atomic_write
+from layerroute.tasks import get_task
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _row(name: str, kind: str, res, extra: dict | None = None) -> dict:
+    return {"type": "row", "key": name, "name": name, "kind": kind, "n": res.n, "accuracy": res.accuracy,
+            "ci95": list(res.ci95), "mean_blocks": res.mean_blocks, **(extra or {})}
+
+
+def _layers(row: dict, num_layers: int) -> list | None:
+    """The static route of a row (the full model's is the identity)."""
+    if row["name"] == "full model":
+        return list(range(num_layers))
+    return (row.get("route") or {}).get("layers")
+
+
+def write_outputs(rows: list[dict], curve: list[dict], line: dict | None, train: dict, args) -> None:
+    """The markdown table and the learning-curve PNG, from whatever has finished."""
+    lines = [f"# PPO routing policy on {args.model}, task `{args.task}` (test split, seed {args.seed})", "",
+             f"PPO: mode {args.mode}, lambda {args.lam}, reward margin, trained on {args.train_limit} search-split "
+             f"samples; {train.get('timesteps', '?')} environment steps in {train.get('wall_s', '?')} s "
+             f"({train.get('threads', '?')} torch thread(s), CPU). Static baselines and the Optuna route are "
+             f"chosen on {args.calib_limit} search-split samples at the PPO policy's measured compute. "
+             f"Test: the first {args.test_limit} test-split examples" +
+             (f"; chance is {100 * args.chance:.0f}%." if getattr(args, "chance", None) else "."), "",
+             "| method | kind | accuracy (95% CI) | mean blocks | n | training cost |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = "n/a" if r["accuracy"] is None else \
+            f"{100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})"
+        lines.append(f"| {r['name']} | {r['kind']} | {acc} | {r['mean_blocks']:.2f} | {r['n']} | "
+                     f"{r.get('cost', '')} |")
+    ppo = next((r for r in rows if r["name"] == "ppo"), None)
+    statics = [r for r in rows if r["kind"] in ("static", "search") and r["accuracy"] is not None]
+    if ppo and statics:
+        best = max(statics, key=lambda r: r["accuracy"])
+        verdict = "does NOT beat" if ppo["accuracy"] <= best["accuracy"] else "beats"
+        overlap = ppo["ci95"][0] <= best["ci95"][1] and best["ci95"][0] <= ppo["ci95"][1]
+        lines += ["", f"**PPO {verdict} the best static route** ({best['name']}: {100 * best['accuracy']:.1f}% at "
+                      f"{best['mean_blocks']:.2f} blocks, against PPO's {100 * ppo['accuracy']:.1f}% at "
+                      f"{ppo['mean_blocks']:.2f} blocks)" + ("; the 95% CIs overlap, so the difference is not "
+                                                             "significant." if overlap else ".")]
+    opt = next((r for r in rows if r["name"] == "optuna"), None)
+    if ppo and opt:
+        lines.append(f"Against the Optuna route ({100 * opt['accuracy']:.1f}%): PPO "
+                     f"{'does NOT beat it' if ppo['accuracy'] <= opt['accuracy'] else 'beats it'}.")
+    lines += ["", "MCTS rows read each test sample's label (ORACLE): an upper bound, not a comparable result.",
+              "", "![learning curve](ppo_curve.png)", ""]
+    atomic_write(RESULTS / "ppo_table.md", "\n".join(lines))
+    if curve:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([c["timesteps"] for c in curve], [c["mean_reward"] for c in curve], marker="o", ms=3,
+                label="PPO (mean episode reward per rollout)")
+        if line:
+            ax.axhline(line["reward"], color="tab:red", ls="--", label=f"best static route ({line['name']})")
+            if "full" in line:
+                ax.axhline(line["full"], color="gray", ls=":", label="full model")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel(f"reward (margin - {args.lam} x blocks/L)")
+        ax.set_title(f"PPO on {args.task}, search split")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "ppo_curve.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="gen")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", default="per_sample", choices=["per_sample", "cola"])
+    ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--timesteps", type=int, default=8192)
+    ap.add_argument("--n-envs", type=int, default=16)
+    ap.add_argument("--n-steps", type=int, default=32)
+    ap.add_argument("--train-limit", type=int, default=128)
+    ap.add_argument("--test-limit", type=int, default=150)
+    ap.add_argument("--calib-limit", type=int, default=32)
+    ap.add_argument("--line-limit", type=int, default=64, help="search samples for the static routes' reward line")
+    ap.add_argument("--baselines", default=None, help="comma-separated static baselines (default: all)")
+    ap.add_argument("--optuna-trials", type=int, default=30)
+    ap.add_argument("--mcts-limit", type=int, default=24, help="test samples for the MCTS oracle (0: skip)")
+    ap.add_argument("--mcts-simulations", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--run-dir", default="runs/ppo-table")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from layerroute.envs.routing_env import LayerRoutingVecEnv
+    from layerroute.policies.ppo import train_ppo
+    from layerroute.search import get_searcher, run_search
+    from layerroute.search.baselines import BASELINES, baseline_route
+
+    model, tok = load_model(args.model)
+    ex = RouteExecutor(model)
+    L = ex.num_layers
+    task = get_task(args.task, seed=args.seed)
+    test = task.split("test", args.seed)
+    if task.kind == "choice":
+        args.chance = sum(1 / len(e.choices) for e in test.examples) / len(test.examples)
+    run = Path(args.run_dir)
+    base = {"model": ex.fingerprint.to_dict(), "task": task.name, "seed": args.seed}
+
+    # 1. PPO on the search split (resumes from run/train)
+    venv = LayerRoutingVecEnv(args.n_envs, ex, tok, task, mode=args.mode, lam=args.lam, limit=args.train_limit,
+                              seed=args.seed)
+    settings = {k: getattr(args, k) for k in ("mode", "lam", "n_envs", "n_steps", "train_limit")}
+    with ResultsStore(run / "train", {"kind": "train-ppo", "settings": settings, "split": "search", **base}) as st:
+        _, policy = train_ppo(venv, st, args.timesteps, seed=args.seed, n_steps=args.n_steps, batch_size=256,
+                              progress=False)
+        curve = [r for r in st.records if r.get("type") == "curve"]
+        train = {"timesteps": max(c["timesteps"] for c in curve) if curve else 0, "threads": args.threads,
+                 "wall_s": round(sum(r.get("wall_s_this_run", 0) for r in st.records if r.get("type") == "summary"))}
+    print(f"trained: {train}", flush=True)
+
+    # 2. the table, resumable row by row
+    tsettings = {**settings, "timesteps": args.timesteps, "test_limit": args.test_limit,
+                 "calib_limit": args.calib_limit}
+    with ResultsStore(run / "table", {"kind": "ppo-table", "settings": tsettings, "split": "test", **base}) as table:
+        rows = [r for r in table.records if r.get("type") == "row"]
+        line = next((r for r in table.records if r.get("type") == "line"), None)
+
+        def add(name, kind, routes, extra=None):
+            if name in table.done():
+                return next(r for r in rows if r["name"] == name)
+            same = None if not isinstance(routes, Route) else next(
+                (r for r in rows if _layers(r, L) == list(routes.layers)), None)
+            if same is not None:  # the same static route was scored already: the same numbers
+                r = {**same, "key": name, "name": name, "kind": kind, **(extra or {}), "same_as": same["name"]}
+            else:
+                t0 = time.perf_counter()
+                res = evaluate(ex, tok, test, routes, limit=args.test_limit, progress=False, batch_size=16)
+                r = _row(name, kind, res, {"eval_s": round(time.perf_counter() - t0, 1), **(extra or {})})
+            table.append(r)
+            rows.append(r)
+            write_outputs(rows, curve, line, train, args)
+            print(f"{name}: {r['accuracy']:.3f} at {r['mean_blocks']:.2f} blocks", flush=True)
+            return r
+
+        add("full model", "reference", ex.route(None), {"route": ex.route(None).to_dict()})
+        ppo = add("ppo", "learned (PPO)", policy,
+                  {"cost": f"{train['timesteps']} env steps, {train['wall_s']} s"})
+        k = min(L, max(1, math.floor(ppo["mean_blocks"] + 1e-9)))  # static routes run each block at most once
+        ratio = k / L
+        cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
+        statics = {}
+        for name in (args.baselines.split(",") if args.baselines else BASELINES):
+            route = baseline_route(name, cal, ratio, args.seed)
+            statics[name] = route
+            add(f"{name} @{k}", "static", route, {"route": route.to_dict()})
+        if args.optuna_trials and "optuna" not in table.done():
+            cls = get_searcher("optuna")
+            obj = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit",
+                                      budget=k)
+            searcher = cls(obj, cls.Config(trials=args.optuna_trials), seed=args.seed)
+            t0 = time.perf_counter()
+            with ResultsStore(run / "optuna", {"kind": "search:optuna", "settings": {**searcher.settings(), "k": k},
+                                               "split": "search", **base}) as ost:
+                summary = run_search(searcher, ost)
+            route = Route.from_dict(summary["route"], ex.fingerprint)
+            statics["optuna"] = route
+            add("optuna", "search", route, {"route": route.to_dict(), "cost": f"{args.optuna_trials} trials, "
+                                            f"{time.perf_counter() - t0:.0f} s"})
+        if line is None:  # the best static route's mean reward on the training objective
+            obj = venv.core.obj
+            samples = list(range(min(args.line_limit, len(obj))))
+            by_layers = {}
+            for r in statics.values():
+                if r.layers not in by_layers:
+                    by_layers[r.layers] = obj.mean_reward(r, samples)
+            rewards = {name: by_layers[r.layers] for name, r in statics.items()}
+            best = max(rewards, key=rewards.get)
+            line = {"type": "line", "key": "line", "name": f"{best} @{k}", "reward": rewards[best],
+                    "full": by_layers.get(tuple(range(L))) if tuple(range(L)) in by_layers else
+                    obj.mean_reward(ex.route(None), samples), "rewards": rewards, "samples": len(samples)}
+            table.append(line)
+            write_outputs(rows, curve, line, train, args)
+        if args.mcts_limit and "mcts" not in table.done():
+            cls = get_searcher("mcts")
+            obj = Objective(ex, tok, test, list(test.examples)[:args.mcts_limit], lam=args.lam, budget=k)
+            searcher = cls(obj, cls.Config(simulations=args.mcts_simulations), seed=args.seed)
+            t0 = time.perf_counter()
+            with ResultsStore(run / "mcts", {"kind": "search:mcts", "settings": {**searcher.settings(), "k": k},
+                                             "split": "test", **base}) as mst:
+                run_search(searcher, mst)
+                recs = [r for r in mst.records if "identity" in r]
+            right = sum(bool(r["correct"]) for r in recs)
+            r = {"type": "row", "key": "mcts", "name": f"MCTS oracle (<= {k} blocks)", "kind": "ORACLE", "n": len(recs),
+                 "accuracy": right / len(recs), "ci95": list(wilson_interval(right, len(recs))),
+                 "mean_blocks": sum(r["blocks"] for r in recs) / len(recs),
+                 "cost": f"{args.mcts_simulations} simulations/sample, {time.perf_counter() - t0:.0f} s"}
+            table.append(r)
+            rows.append(r)
+        write_outputs(rows, curve, line, train, args)
+    print(f"wrote {RESULTS / 'ppo_table.md'} and {RESULTS / 'ppo_curve.png'}")
+
+
+if __name__ == "__main__":
+    main()

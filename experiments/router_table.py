@@ -1,0 +1,193 @@
+"""Routers against the full model, static routes and Optuna at equal compute, and the MCTS oracle.
+
+    python -m layerroute.experiments.router_table [--labels experiments/results/router_labels_gen] \
+        [--unseen suite:capitals,suite:opposites] [--test-limit 50]
+
+1. Trains routers on the label store(s) (MCTS routes of the trained task's search split) twice:
+   teacher forcing only, and with on-policy refinement (always kept), to measure what it does.
+2. For the trained task's test split and each unseen task's test split, evaluates: the full
+   model; both routers (their mean executed blocks measured); every static baseline and an
+   Optuna route at ``k = round(mean router blocks)`` (calibrated on that task's search split);
+   and an MCTS ORACLE on the first ``--oracle-limit`` test samples (it reads their labels: an
+   upper bound, not a result), with the routers' per-layer agreement with its routes.
+3. Router overhead: the routers' evaluation wall time against a static route with the same
+   block count (``drop_last`` at k), both measured in this process.
+
+Rows are written to ``experiments/results/router_table.md`` / ``.json`` as they finish, so a
+killed run keeps what it did. Run with ``OMP_NUM_THREADS=1`` beside other work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from layerroute import RouteExecutor, load_model
+from layerroute.evaluation import evaluate, wilson_interval
+from layerroute.objective import Objective
+from layerroute.route import Route
+from layerroute.routers import RouterPolicy, load_routers, route_prompts, save_routers
+from layerroute.routers.training import actions_of, load_labels, pass_counts, prompt_batches, train_routers
+from layerroute.search import get_searcher
+from layerroute.search.baselines import BASELINES
+from layerroute.store import atomic_write, environment, read_store
+from layerroute.tasks import get_task
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Table:
+    """Rows written to markdown and JSON after every addition."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.out, self.meta, self.rows = out, meta, []
+
+    def add(self, task: str, method: str, acc=None, n=None, blocks=None, agreement=None, seconds=None, note=""):
+        ci = wilson_interval(round(acc * n), n) if acc is not None else None
+        self.rows.append({"task": task, "method": method, "accuracy": acc, "n": n, "ci95": ci, "mean_blocks": blocks,
+                          "agreement": agreement, "seconds": seconds, "note": note})
+        print(f"[{time.strftime('%H:%M:%S')}] {task} | {method} | "
+              f"{'-' if acc is None else f'{100 * acc:.1f}%'} | {blocks} | {agreement} | {seconds} | {note}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        lines = [f"# Routers on {self.meta['model']} (test splits)", "",
+                 f"Labels: {self.meta['labels']}. {self.meta.get('training_note', '')}", "",
+                 "| task | method | accuracy (95% CI) | n | mean blocks | agreement with oracle | wall time (s) | note |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            acc = "-" if r["accuracy"] is None else \
+                f"{100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})"
+            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            lines.append(f"| {r['task']} | {r['method']} | {acc} | {r['n'] or '-'} | {fmt(r['mean_blocks'], '.2f')} | "
+                         f"{fmt(r['agreement'], '.3f')} | {fmt(r['seconds'], '.1f')} | {r['note']} |")
+        atomic_write(self.out.with_suffix(".md"), "\n".join(lines) + "\n")
+        atomic_write(self.out.with_suffix(".json"), json.dumps({"meta": self.meta, "rows": self.rows}, indent=2,
+                                                               sort_keys=True, default=str) + "\n")
+
+
+def router_actions(net, ex, tok, task, examples) -> torch.Tensor:
+    """[N, L] actions the routers choose on ``examples`` (in order)."""
+    counts = torch.zeros(len(examples), ex.num_layers, dtype=torch.long)
+    for idx, ids, mask in prompt_batches(ex, tok, task, examples, 16):
+        _, walk = route_prompts(net, ex, ids, mask)
+        counts[idx] = walk.counts
+    return actions_of(counts)
+
+
+def oracle(ex, tok, task, args, label_settings, seed) -> tuple[list[dict], list]:
+    """MCTS with the label search's settings on the first test samples: per-sample records."""
+    obj = Objective.from_task(ex, tok, task, "test", args.oracle_limit, seed, budget=label_settings.get("budget"),
+                              lam=float(label_settings.get("lam") or 0.0), reward=label_settings.get("reward", "margin"))
+    cls = get_searcher("mcts")
+    searcher = cls(obj, cls.Config(simulations=args.oracle_simulations), seed=seed)
+    return list(searcher.search(searcher.units())), obj.examples
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--labels", nargs="+", default=[str(RESULTS / "router_labels_gen")])
+    ap.add_argument("--unseen", default="suite:capitals,suite:opposites")
+    ap.add_argument("--test-limit", type=int, default=50)
+    ap.add_argument("--calib-limit", type=int, default=12)
+    ap.add_argument("--optuna-trials", type=int, default=24)
+    ap.add_argument("--oracle-limit", type=int, default=12)
+    ap.add_argument("--oracle-simulations", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--refine-epochs", type=int, default=5)
+    ap.add_argument("--baselines", default=",".join(BASELINES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS / "router_table"))
+    ap.add_argument("--routers-dir", default="runs/router_table", help="where the trained routers are saved")
+    ap.add_argument("--reuse-routers", action="store_true", help="load the routers of an earlier run from --routers-dir")
+    ap.add_argument("--skip-trained", action="store_true", help="only the unseen tasks")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    ex = RouteExecutor(model)
+    labels = load_labels(args.labels, ex.fingerprint)
+    label_settings = read_store(args.labels[0])[0].get("settings", {})
+    meta = {"model": args.model, "labels": ", ".join(args.labels), "settings": vars(args), "env": environment(),
+            "label_settings": label_settings}
+    table = Table(Path(args.out), meta)
+
+    nets = {}
+    for name, refine in (("routers (teacher forcing)", 0), ("routers (+ on-policy refinement)", args.refine_epochs)):
+        t, where = time.perf_counter(), Path(args.routers_dir) / ("teacher" if not refine else "refined")
+        if args.reuse_routers:
+            net = load_routers(where, model)
+            report = net.config.training
+        else:
+            net, report = train_routers(ex, tok, labels, epochs=args.epochs, refine_epochs=refine, seed=args.seed,
+                                        base_model=args.model, keep_refined=True, budget=label_settings.get("budget"))
+            save_routers(where, net)
+        nets[name] = net
+        meta.setdefault("training", {})[name] = {**report, "seconds": time.perf_counter() - t}
+    rep = meta["training"]["routers (+ on-policy refinement)"]
+    meta["training_note"] = (
+        f"Routers: {rep['parameters']:,} parameters ({100 * rep['share_of_base']:.2f}% of the base), trained on "
+        f"{rep['train_samples']} searched samples, {rep['val_samples']} held out; label counts skip/execute/repeat "
+        f"{rep['label_counts']}. On-policy validation agreement {rep['on_policy_val']['agreement']:.3f} before "
+        f"refinement, {rep['refinement']['on_policy_val_after']['agreement']:.3f} after.")
+    table.write()
+
+    tasks = [] if args.skip_trained else [labels.task_spec]
+    tasks += [t for t in args.unseen.split(",") if t]
+    for spec in tasks:
+        name = spec + (" (trained)" if spec == labels.task_spec else " (unseen)")
+        task = get_task(spec, seed=args.seed)
+        test = task.split("test", args.seed)
+        ev = dict(limit=args.test_limit, batch_size=16, progress=False)
+        full = evaluate(ex, tok, test, None, **ev)
+        table.add(name, "full model", full.accuracy, full.n, full.mean_blocks, seconds=full.seconds)
+        blocks = {}
+        for method, net in nets.items():
+            r = evaluate(ex, tok, test, RouterPolicy(net), **ev)
+            blocks[method] = r.mean_blocks
+            table.add(name, method, r.accuracy, r.n, r.mean_blocks, seconds=r.seconds,
+                      note="time includes the routing walk")
+        k = max(1, round(blocks["routers (+ on-policy refinement)"]))
+        cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
+        static_seconds = {}
+        for b in args.baselines.split(","):
+            r = evaluate(ex, tok, test, BASELINES[b](cal, k, args.seed), **ev)
+            static_seconds[b] = r.seconds
+            table.add(name, f"static {b} at {k} blocks", r.accuracy, r.n, r.mean_blocks, seconds=r.seconds,
+                      note=f"calibrated on {len(cal)} search-split samples")
+        ref = min(static_seconds.values())
+        for method in nets:
+            routed = next(r["seconds"] for r in table.rows if r["task"] == name and r["method"] == method)
+            table.add(name, f"{method}: overhead", seconds=routed - ref,
+                      note=f"wall time minus the fastest static route at {k} blocks: "
+                           f"{100 * (routed / ref - 1):+.0f}%")
+        obj = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, budget=k)
+        cls = get_searcher("optuna")
+        searcher = cls(obj, cls.Config(trials=args.optuna_trials), seed=args.seed)
+        summary = searcher.summarize(list(searcher.search(searcher.units())))
+        r = evaluate(ex, tok, test, Route.from_dict(summary["route"], ex.fingerprint), **ev)
+        table.add(name, f"Optuna route at <= {k} blocks", r.accuracy, r.n, r.mean_blocks, seconds=r.seconds,
+                  note=f"{args.optuna_trials} TPE trials on {len(obj)} search-split samples")
+        if not args.oracle_limit:
+            continue
+        records, examples = oracle(ex, tok, task, args, label_settings, args.seed)
+        chains = [tuple(rec["layers"]) for rec in records]
+        in_order = [i for i, c in enumerate(chains) if all(a <= b for a, b in zip(c, c[1:]))]
+        want = actions_of(pass_counts([chains[i] for i in in_order], ex.num_layers))
+        acc = sum(bool(rec["correct"]) for rec in records) / len(records)
+        table.add(name, "MCTS ORACLE (reads labels; upper bound)", acc, len(records),
+                  sum(len(c) for c in chains) / len(chains), note=f"{args.oracle_simulations} simulations, first "
+                  f"{len(records)} test samples")
+        for method, net in nets.items():
+            got = router_actions(net, ex, tok, task, [examples[i] for i in in_order])
+            table.add(name, f"{method}: agreement with oracle", agreement=float((got == want).float().mean()),
+                      n=len(in_order), note="per-layer actions on the oracle's samples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""``PPOPolicy``: a trained PPO actor as a ``RoutingPolicy`` (torch and safetensors only).
+
+Saved as ``policy_config.json`` (type ``ppo``, the model fingerprint and weights digest, the MDP mode and limits,
+the observation projection's size, the network's shape) plus ``policy.safetensors`` (the
+actor's weights and the projection). Loading rebuilds the network and reads the tensors;
+nothing is unpickled, and SB3 is not needed. ``route_batch`` walks the model with the
+executor, reads each prompt's hidden state before every decision, and acts greedily (argmax).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from layerroute.envs.mdp import MDPSpec, ObsProjection, Progress, check_finite, observe, pool
+from layerroute.models import weights_digest
+from layerroute.route import Route
+
+from .base import PolicyError, RoutingPolicy, register_policy
+
+WEIGHTS = "policy.safetensors"
+
+
+class RouteEncoder(nn.Module):
+    """Observation -> features: ``[obs, one-hot of the position's layer]`` -> Linear -> Tanh."""
+
+    def __init__(self, obs_dim: int, num_layers: int, features_dim: int = 64):
+        super().__init__()
+        self.num_layers = num_layers
+        self.net = nn.Sequential(nn.Linear(obs_dim + num_layers + 1, features_dim), nn.Tanh())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        L = self.num_layers
+        layer = (obs[:, -2] * L).round().long().clamp(0, L)  # [B] the position feature as a layer index
+        return self.net(torch.cat([obs, nn.functional.one_hot(layer, L + 1).to(obs.dtype)], dim=1))
+
+
+class ActorNet(nn.Module):
+    """The actor of SB3's ActorCriticPolicy with ``RouteEncoder`` features: same module names
+    (``policy_net`` as SB3's ``mlp_extractor.policy_net``, ``action_net``), so weights map 1:1."""
+
+    def __init__(self, obs_dim: int, num_layers: int, num_actions: int, features_dim: int = 64,
+                 pi: tuple[int, ...] = (64,)):
+        super().__init__()
+        self.arch = {"obs_dim": obs_dim, "num_layers": num_layers, "num_actions": num_actions,
+                     "features_dim": features_dim, "pi": list(pi), "activation": "tanh"}
+        self.features = RouteEncoder(obs_dim, num_layers, features_dim)
+        layers, d = [], features_dim
+        for h in pi:
+            layers += [nn.Linear(d, h), nn.Tanh()]
+            d = h
+        self.policy_net = nn.Sequential(*layers)
+        self.action_net = nn.Linear(d, num_actions)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Action logits [B, num_actions]."""
+        return self.action_net(self.policy_net(self.features(obs)))
+
+
+@register_policy
+class PPOPolicy(RoutingPolicy):
+    """A PPO-trained actor that routes each prompt by reading its hidden states (greedy)."""
+
+    type = "ppo"
+
+    def __init__(self, actor: ActorNet, proj: ObsProjection, spec: MDPSpec, fingerprint, meta: dict | None = None,
+                 weights_digest: str | None = None):
+        if spec.mode == "per_token":
+            raise PolicyError("per_token policies decide token masks, not routes; evaluation takes routes, so "
+                              "they cannot be used as a RoutingPolicy yet")
+        self.actor, self.proj, self.spec = actor.eval(), proj, spec
+        self.fingerprint, self.meta, self.weights_digest = fingerprint, dict(meta or {}), weights_digest
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> list[int]:
+        return self.actor(obs.float()).argmax(-1).tolist()
+
+    @torch.no_grad()
+    def route_batch(self, executor, input_ids, attention_mask):
+        self.fingerprint.check_matches(executor.fingerprint, "policy")
+        state = executor.begin(input_ids, attention_mask)
+        real = attention_mask.bool()
+        progress = [Progress() for _ in range(input_ids.shape[0])]
+        done = [False] * len(progress)
+        while not all(done):
+            obs = observe(self.spec, self.proj, pool(state.hidden, real), progress)
+            chains = []
+            for b, a in enumerate(self.act(obs)):
+                if done[b]:
+                    chains.append(())
+                    continue
+                chain, progress[b], done[b] = self.spec.apply(progress[b], a)
+                chains.append(chain)
+            state = executor.advance(state, chains)
+            check_finite(state.hidden, "while the PPO policy walked the model")
+        return [Route(p.chain, executor.fingerprint) for p in progress]
+
+    def config(self) -> dict:
+        s = self.spec
+        return {"model": self.fingerprint.to_dict(), "mode": s.mode, "num_layers": s.num_layers,
+                "max_blocks": s.max_blocks, "max_steps": s.max_steps, "token_groups": s.token_groups,
+                "obs": {"dim": self.proj.dim, **self.proj.meta}, "arch": self.actor.arch, "training": self.meta,
+                "weights": WEIGHTS, "weights_digest": self.weights_digest}
+
+    def save_weights(self, directory: Path) -> None:
+        tensors = {f"actor.{k}": v.detach().cpu().contiguous() for k, v in self.actor.state_dict().items()}
+        tensors.update({k: v.cpu().contiguous() for k, v in self.proj.tensors().items()})
+        save_file(tensors, str(directory / WEIGHTS), metadata={"format": "layerroute.ppo_policy"})
+
+    @classmethod
+    def from_config(cls, config, directory, executor):
+        digest = config.get("weights_digest")
+        if digest and digest != weights_digest(executor.model):
+            raise PolicyError(f"{directory}: this policy was trained on another checkpoint of the same shape "
+                              f"(weights digest {digest}); it reads that model's hidden states, so it only works "
+                              f"on that checkpoint")
+        path = Path(directory) / WEIGHTS
+        if not path.is_file():
+            raise PolicyError(f"{directory} has no {WEIGHTS}: the policy's weights are missing")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PolicyError(f"{path} is corrupt (not a readable safetensors file: {exc})") from None
+        try:
+            arch, obs = config["arch"], config["obs"]
+            actor = ActorNet(int(arch["obs_dim"]), int(arch["num_layers"]), int(arch["num_actions"]),
+                             int(arch["features_dim"]), tuple(int(h) for h in arch["pi"]))
+            spec = MDPSpec(config["mode"], int(config["num_layers"]), config.get("max_blocks"),
+                           config.get("max_steps"), int(config.get("token_groups", 8)))
+            actor.load_state_dict({k[len("actor."):]: v for k, v in tensors.items() if k.startswith("actor.")})
+            proj = ObsProjection.from_tensors(tensors, {k: v for k, v in obs.items() if k != "dim"})
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise PolicyError(f"{directory}: the saved PPO policy is corrupt or incomplete ({type(exc).__name__}: "
+                              f"{exc})") from None
+        if spec.num_layers != executor.num_layers or proj.dim + 2 != actor.arch["obs_dim"]:
+            raise PolicyError(f"{directory}: the policy's shapes do not fit {executor.fingerprint.describe()}")
+        return cls(actor, proj, spec, executor.fingerprint, config.get("training"), digest)

@@ -1,0 +1,246 @@
+"""Per-layer routers (Dr.LLM style) and the prefill walk that lets them pick each sample's route.
+
+Router ``i`` is a bottleneck MLP (``Linear(hidden, 128)``, GELU, ``Linear(128, 3)`` by default)
+that reads the hidden state *entering* block ``i``, over the prompt's real tokens only: the
+tokens are cut into ``min(windows, T)`` contiguous windows (``T`` = that sample's real length,
+so left padding and mixed lengths in a batch are handled), each window's mean goes through the
+router, and the logits are averaged over the windows. The three outputs are
+``skip / execute / repeat`` (0, 1 or 2 passes of block ``i``).
+
+``route_prompts`` decides once, at prefill, layer by layer as the hidden state flows: at layer
+``i`` it reads each sample's state, decides, and advances each sample along ``[]``, ``[i]`` or
+``[i, i]`` (one batched executor call per layer). The resulting route is then fixed for every
+decoded token, which keeps the KV cache consistent (Dr.LLM re-decides at every decode step).
+
+Budget: with a budget of ``B`` blocks, a layer may only take an action that still fits in what
+is left (``B`` minus the blocks already chosen): a repeat the budget cannot pay for becomes an
+execute, and once the budget is spent every later layer is skipped. So routers that ask for
+more than ``B`` lose their *last* blocks; train them with the budget in mind. A route always
+runs at least one block: if every router skipped, the last block runs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerroute.budget import Budget
+from layerroute.errors import LayerRouteError
+from layerroute.executor import RouteExecutor
+from layerroute.route import ACTIONS, Route
+
+CONFIG_NAME = "router_config.json"
+WEIGHTS_NAME = "routers.safetensors"
+CONFIG_TYPE = "router"
+CONFIG_VERSION = 1
+REPEAT_PASSES = 2  # passes of a block whose action is "repeat"
+
+
+class RouterError(LayerRouteError, ValueError):
+    """A router directory or config that is missing, corrupt, or made for another base model."""
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RouterConfig:
+    """Everything needed to rebuild the routers and to know which base model they belong to."""
+
+    num_layers: int = _f(0, "decoder blocks of the base model: one router per block")
+    hidden_size: int = _f(0, "hidden size of the base model (the routers' input width)")
+    bottleneck: int = _f(128, "width of each router's hidden layer")
+    windows: int = _f(8, "the prompt is cut into min(windows, T) windows; logits are averaged over them")
+    dropout: float = _f(0.0, "dropout after the GELU while training")
+    input_norm: bool = _f(True, "RMS-normalise each window mean before the router (parameter-free); deep "
+                                "residual streams grow large, which slows training without it")
+    budget: str | None = _f(None, "default compute budget at inference: a share (0.8) or a block count (24)")
+    base_model: str = _f("", "name or path of the base model the routers were trained on (informational)")
+    model: dict = _f(None, "fingerprint of the base model (architecture, layers, hidden size)")
+    weights_digest: str = _f("", "layerroute.models.weights_digest of the base checkpoint; another "
+                                 "checkpoint of the same shape is refused")
+    training: dict = _f(None, "how the routers were trained (labels, epochs, metrics); informational")
+    type: str = _f(CONFIG_TYPE, "type key: what kind of saved object this is")
+    version: int = _f(CONFIG_VERSION, "format version of this config")
+
+    def __post_init__(self):
+        self.model = dict(self.model or {})
+        self.training = dict(self.training or {})
+        for name in ("num_layers", "hidden_size", "bottleneck", "windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RouterError(f"router config: {name} must be a positive integer, got {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise RouterError(f"router config: dropout must be in [0, 1), got {self.dropout!r}")
+        Budget.parse(self.budget)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "router config") -> RouterConfig:
+        """Rebuild a config; unknown keys are warned about and dropped (newer files still load)."""
+        if not isinstance(data, dict):
+            raise RouterError(f"{source} is not a JSON object")
+        if data.get("type") != CONFIG_TYPE:
+            raise RouterError(f"{source} is not a layerroute router config (type {data.get('type')!r}, "
+                              f"expected {CONFIG_TYPE!r})")
+        if not isinstance(data.get("version"), int) or data["version"] > CONFIG_VERSION:
+            raise RouterError(f"{source} has version {data.get('version')!r}; this layerroute reads router "
+                              f"configs up to version {CONFIG_VERSION}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown keys {', '.join(unknown)} (written by a newer layerroute?)",
+                          stacklevel=2)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise RouterError(f"{source} is malformed: {exc}") from None
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RouterConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise RouterError(f"{directory} holds no saved routers: {CONFIG_NAME} is missing")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RouterError(f"{path} is corrupt (not JSON: {exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def window_means(hidden: torch.Tensor, mask: torch.Tensor, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each window of a sample's real tokens: ``([B, W, H], valid [B, W] bool)``.
+
+    ``hidden`` is [B, T, H], ``mask`` [B, T] (1 = real token, any padding side). A sample with
+    ``n`` real tokens has ``w = min(windows, n)`` non-empty windows of ``n / w`` tokens (sizes
+    differ by at most one); the rest are marked invalid.
+    """
+    m = mask.bool()
+    n = m.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+    w = n.clamp(max=windows)
+    index = (m.long().cumsum(1) - 1).clamp(min=0)  # position among the real tokens
+    wid = (index * w) // n  # [B, T] window of each token
+    assign = F.one_hot(wid.clamp(max=windows - 1), windows).to(hidden.dtype) * m[..., None]  # [B, T, W]
+    counts = assign.sum(1)  # [B, W]
+    sums = torch.einsum("btw,bth->bwh", assign, hidden)
+    return sums / counts.clamp(min=1)[..., None], counts > 0
+
+
+class RouterNetwork(nn.Module):
+    """One bottleneck MLP per decoder block; see the module docstring."""
+
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.routers = nn.ModuleList(
+            nn.Sequential(nn.Linear(c.hidden_size, c.bottleneck), nn.GELU(), nn.Dropout(c.dropout),
+                          nn.Linear(c.bottleneck, len(ACTIONS)))
+            for _ in range(c.num_layers))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def share_of(self, model: nn.Module) -> float:
+        """Router parameters as a share of ``model``'s."""
+        return self.num_parameters() / sum(p.numel() for p in model.parameters())
+
+    def layer_logits(self, layer: int, feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Logits [..., 3] of router ``layer`` from window means [..., W, H] and their validity [..., W]."""
+        x = feats.float()
+        if self.config.input_norm:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        z = self.routers[layer](x)  # [..., W, 3]
+        v = valid.to(z.dtype)[..., None]
+        return (z * v).sum(-2) / v.sum(-2).clamp(min=1)
+
+    def forward(self, feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, 3] from per-layer window means [B, L, W, H] and validity [B, W] (training)."""
+        return torch.stack([self.layer_logits(i, feats[:, i], valid) for i in range(self.config.num_layers)], 1)
+
+
+@dataclass
+class Walk:
+    """What a prefill walk produced: ``counts`` [B, L] passes per block, ``logits`` [B, L, 3]
+    (None when forced), ``features`` [B, L, W, H] and ``valid`` [B, W] when collected."""
+
+    counts: torch.Tensor
+    logits: torch.Tensor | None
+    features: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+    def routes(self, executor: RouteExecutor) -> list[Route]:
+        fp = executor.fingerprint
+        return [Route(tuple(i for i, c in enumerate(row) for _ in range(c)), fp) for row in self.counts.tolist()]
+
+
+def _choose(logits: torch.Tensor, used: torch.Tensor, max_blocks: int | None, last: bool) -> torch.Tensor:
+    """Passes [B] of one layer: the best action the budget still pays for (see the module docstring)."""
+    cost = torch.tensor([0, 1, REPEAT_PASSES], device=logits.device)
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    if max_blocks is not None:
+        allowed = cost[None, :] <= (max_blocks - used)[:, None]
+    if last:  # a route runs at least one block
+        allowed[:, 0] &= used > 0
+    return cost[logits.masked_fill(~allowed, float("-inf")).argmax(-1)]
+
+
+@torch.no_grad()
+def walk(executor: RouteExecutor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+         net: RouterNetwork | None = None, *, forced: torch.Tensor | None = None, budget=None,
+         collect: bool = False, windows: int | None = None) -> Walk:
+    """Walk the prompt through the model once, block by block, deciding each block per sample.
+
+    With ``net``, router ``i`` decides block ``i`` from the state it reached (``budget`` caps
+    the blocks); with ``forced`` ([B, L] passes, e.g. a searched route), the walk follows it
+    (teacher forcing). ``collect`` keeps the window means each router read.
+    """
+    if (net is None) == (forced is None):
+        raise RouterError("walk needs either routers (net) or forced pass counts, not both")
+    L = executor.num_layers
+    state = executor.begin(input_ids, attention_mask)
+    mask = state.attention_mask
+    B = mask.shape[0]
+    W = net.config.windows if net is not None else windows
+    if W is None:
+        raise RouterError("walk with forced counts needs the number of windows to collect features")
+    budget = Budget.parse(budget)
+    max_blocks = budget.max_blocks(L) if budget is not None else None
+    used = torch.zeros(B, dtype=torch.long, device=mask.device)
+    counts, logits, feats, valid = [], [], [], None
+    for i in range(L):
+        need = net is not None or collect
+        if need:
+            means, valid = window_means(state.hidden, mask, W)
+        if net is not None:
+            lg = net.layer_logits(i, means, valid)
+            logits.append(lg)
+            c = _choose(lg, used, max_blocks, last=i == L - 1)
+        else:
+            c = forced[:, i].to(mask.device).long()
+        if collect:
+            feats.append(means.float())
+        counts.append(c)
+        used = used + c
+        chains = [(i,) * n for n in c.tolist()]
+        if any(chains):
+            state = executor.advance(state, chains)
+    return Walk(torch.stack(counts, 1).cpu(), torch.stack(logits, 1).cpu() if logits else None,
+                torch.stack(feats, 1).cpu() if collect else None, valid.cpu() if collect else None)
+
+
+def route_prompts(net: RouterNetwork, executor: RouteExecutor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, budget=None) -> tuple[list[Route], Walk]:
+    """One route per prompt of a left-padded batch, decided by the routers at prefill."""
+    result = walk(executor, input_ids, attention_mask, net,
+                  budget=budget if budget is not None else net.config.budget)
+    return result.routes(executor), result

@@ -1,0 +1,379 @@
+"""Distil searched routes into routers: labels from results stores, teacher forcing, on-policy refinement.
+
+**Labels.** A results store of a per-sample searcher (MCTS) holds one record per sample with
+``"key"`` (the example uid) and its best route (``"layers"``, or ``"route"`` with layers). A
+store whose records are not per sample (Optuna, a baseline, random search) contributes its
+summary ``"route"`` to every example of its split (the first ``--limit`` of them). A route
+becomes per-layer labels with ``Route.actions()`` (skip / execute / repeat; a block run three
+times counts as repeat); routes that reorder blocks have no per-layer form and are skipped.
+
+**Splits.** Samples from stores searched on the ``validation`` split are the validation set
+(early stopping); all others train. If no store covers the validation split, a seeded
+``val_share`` (20%) of the training samples is held out instead.
+
+**Inputs (teacher forcing).** Each router ``i`` learns from the window means of the state
+entering block ``i`` along the *searched* route of that sample, over the prompt only,
+computed in batches with the same walk that routes at inference (``network.walk``).
+
+**Loss and optimiser.** Focal loss (gamma 2) weighted per class by the effective number of the
+label counts actually loaded (beta 0.999); AdamW (lr 1e-3, weight decay 0.01), a linear warm-up
+then cosine decay, mini-batches of samples (every layer of a sample in one step). Only router
+parameters train; the base model stays frozen. The best epoch by validation loss is kept.
+
+**On-policy refinement** (DAgger-style): the routers then walk the training prompts on their
+own, and the states they reach are added to the data, labelled with the searched route's
+action at that layer; training continues briefly. Whether it helps is measured on the
+validation prompts by on-policy agreement (the routers' own walk against the labels) and
+kept only if it does not lower it; both numbers go into the saved config's ``training``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from layerroute.errors import RouteError
+from layerroute.executor import RouteExecutor
+from layerroute.route import Route
+from layerroute.scoring import encode_texts, left_pad, task_prompts
+from layerroute.store import read_store
+
+from .network import RouterConfig, RouterError, RouterNetwork, walk
+
+NUM_ACTIONS = 3
+
+
+@dataclass
+class Labels:
+    """Searched routes of one task: ``search`` and ``validation`` maps of uid -> block chain."""
+
+    task_spec: str
+    task_options: dict
+    seed: int
+    search: dict[str, tuple[int, ...]]
+    validation: dict[str, tuple[int, ...]]
+    skipped: int = 0  # reordered routes, which have no per-layer labels
+
+    def task(self):
+        from layerroute.tasks import get_task
+
+        return get_task(self.task_spec, **self.task_options)
+
+
+def _record_layers(record: dict):
+    if isinstance(record.get("layers"), list):
+        return record["layers"]
+    route = record.get("route")
+    if isinstance(route, dict) and isinstance(route.get("layers"), list):
+        return route["layers"]
+    return None
+
+
+def load_labels(stores, fingerprint=None) -> Labels:
+    """Per-sample routes from one or more results stores of the same task (see the module docstring)."""
+    if isinstance(stores, (str, bytes)) or hasattr(stores, "is_dir"):
+        stores = [stores]
+    found: Labels | None = None
+    for path in stores:
+        header, records = read_store(path)
+        settings = header.get("settings") or {}
+        spec = settings.get("task") or header.get("task")
+        if not spec:
+            raise RouterError(f"{path}: the store's header names no task, so its samples cannot be found")
+        options = {"seed": int(settings.get("seed", header.get("seed", 0)))}
+        if settings.get("fields"):
+            options["fields"] = dict(kv.split("=", 1) for kv in settings["fields"].split(","))
+        if settings.get("kind"):
+            options["kind"] = settings["kind"]
+        if found is None:
+            found = Labels(spec, options, options["seed"], {}, {})
+        elif (spec, options) != (found.task_spec, found.task_options):
+            raise RouterError(f"{path} holds routes for task {spec!r} {options} but an earlier store is for "
+                              f"{found.task_spec!r} {found.task_options}; train on one task per router")
+        if fingerprint is not None and header.get("model"):
+            from layerroute.models import ModelFingerprint
+
+            ModelFingerprint.from_dict(header["model"]).check_matches(fingerprint, "label store")
+        task = found.task()
+        split = header.get("split", settings.get("split", "search"))
+        target = found.validation if split == "validation" else found.search
+        uids = {ex.uid for ex in task.examples}
+        per_sample = {r["key"]: _record_layers(r) for r in records
+                      if r.get("type") != "summary" and r.get("key") in uids and _record_layers(r)}
+        unknown = sum(1 for r in records if _record_layers(r) and r.get("key") not in uids and r.get("type") != "summary")
+        if per_sample and unknown:
+            warnings.warn(f"{path}: {unknown} routes name samples that task {spec!r} does not have (was the task "
+                          f"changed since the search?); they are ignored", stacklevel=2)
+        if not per_sample:  # one route for the whole split (Optuna, baselines, random search)
+            summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
+            layers = _record_layers(summary or {})
+            if layers is None:
+                raise RouterError(f"{path} has neither per-sample routes nor a summary route to learn from")
+            examples = task.split(split, found.seed).examples if split != "all" else task.examples
+            limit = settings.get("limit")
+            per_sample = {ex.uid: layers for ex in examples[:limit]}
+        for uid, layers in per_sample.items():
+            chain = tuple(int(i) for i in layers)
+            if any(a > b for a, b in zip(chain, chain[1:])):
+                found.skipped += 1
+                continue
+            target[uid] = chain
+    if not found.search and not found.validation:
+        raise RouterError("the label stores hold no in-order routes to learn from")
+    return found
+
+
+def pass_counts(chains, num_layers: int) -> torch.Tensor:
+    """[N, L] passes per block of in-order chains."""
+    out = torch.zeros(len(chains), num_layers, dtype=torch.long)
+    for n, chain in enumerate(chains):
+        for i in chain:
+            if not 0 <= i < num_layers:
+                raise RouteError(f"label route {chain} has block {i}, but the model has blocks 0..{num_layers - 1}")
+            out[n, i] += 1
+    return out
+
+
+def actions_of(counts: torch.Tensor) -> torch.Tensor:
+    """Action index per layer (0 skip, 1 execute, 2 repeat) from pass counts."""
+    return counts.clamp(max=2)
+
+
+def prompt_batches(executor, tokenizer, task, examples, batch_size: int, chat: bool = True):
+    """(indices, ids, mask) of left-padded prompt batches, as evaluation renders them."""
+    prompts = encode_texts(tokenizer, task_prompts(tokenizer, task, examples, chat))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+    for j in range(0, len(order), batch_size):
+        idx = order[j:j + batch_size]
+        ids, mask = left_pad([prompts[i] for i in idx], tokenizer, executor.device)
+        yield idx, ids, mask
+
+
+@dataclass
+class RouterData:
+    """Router inputs: ``features`` [N, L, W, H], ``valid`` [N, W], ``labels`` [N, L] (action index)."""
+
+    features: torch.Tensor
+    valid: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @staticmethod
+    def concat(parts) -> RouterData:
+        return RouterData(*(torch.cat([getattr(p, f) for p in parts]) for f in ("features", "valid", "labels")))
+
+
+def collect(executor: RouteExecutor, tokenizer, task, examples, counts: torch.Tensor, windows: int,
+            net: RouterNetwork | None = None, batch_size: int = 16, desc: str = "features") -> RouterData:
+    """Features along the searched routes (``net`` None: teacher forcing) or along the routers'
+    own decisions (on-policy), labelled with the searched routes' actions."""
+    n, L = counts.shape
+    feats = valid = None
+    for idx, ids, mask in tqdm(list(prompt_batches(executor, tokenizer, task, examples, batch_size)), desc=desc,
+                               unit="batch", leave=False):
+        if net is None:
+            w = walk(executor, ids, mask, forced=counts[idx], collect=True, windows=windows)
+        else:
+            w = walk(executor, ids, mask, net, collect=True)
+        if feats is None:
+            feats = torch.zeros(n, L, *w.features.shape[2:])
+            valid = torch.zeros(n, w.valid.shape[1], dtype=torch.bool)
+        feats[idx], valid[idx] = w.features, w.valid
+    return RouterData(feats, valid, actions_of(counts))
+
+
+def class_weights(labels: torch.Tensor, beta: float = 0.999) -> torch.Tensor:
+    """Effective-number weights (1 - beta) / (1 - beta^n_c) of the loaded label counts, normalised
+    to mean 1 over the classes present (absent classes get 0)."""
+    n = torch.bincount(labels.reshape(-1), minlength=NUM_ACTIONS).double()
+    present = n > 0
+    w = torch.where(present, (1 - beta) / (1 - beta ** n).clamp(min=1e-12), torch.zeros_like(n))
+    return (w / w[present].sum() * present.sum()).float()
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Class-weighted focal loss, averaged over the (sample, layer) decisions."""
+    logp = F.log_softmax(logits.float(), -1).gather(-1, target[..., None]).squeeze(-1)
+    return (-weight[target] * (1 - logp.exp()).pow(gamma) * logp).mean()
+
+
+def agreement(pred: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Share of per-layer decisions that match, and of samples whose whole route matches."""
+    same = pred == labels
+    return {"agreement": float(same.float().mean()), "route_match": float(same.all(1).float().mean())}
+
+
+@torch.no_grad()
+def evaluate_data(net: RouterNetwork, data: RouterData, weight: torch.Tensor, batch_size: int = 64) -> dict:
+    net.eval()
+    losses, preds = [], []
+    for j in range(0, len(data), batch_size):
+        logits = net(data.features[j:j + batch_size], data.valid[j:j + batch_size])
+        losses.append(focal_loss(logits, data.labels[j:j + batch_size], weight) * logits.shape[0])
+        preds.append(logits.argmax(-1))
+    return {"loss": float(sum(losses) / len(data)), **agreement(torch.cat(preds), data.labels)}
+
+
+def fit(net: RouterNetwork, train: RouterData, val: RouterData, weight: torch.Tensor, *, epochs: int = 20,
+        batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, warmup: float = 0.1,
+        patience: int = 5, seed: int = 0, progress: bool = True, desc: str = "train routers") -> list[dict]:
+    """Mini-batch training with early stopping on validation loss; restores the best epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(train) / batch_size)
+    warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    best, best_state, history, bad = math.inf, None, [], 0
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
+    for epoch in bar:
+        net.train()
+        for idx in torch.randperm(len(train), generator=gen).split(batch_size):
+            loss = focal_loss(net(train.features[idx], train.valid[idx]), train.labels[idx], weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        row = {"epoch": epoch + 1, "train": evaluate_data(net, train, weight), "val": evaluate_data(net, val, weight)}
+        history.append(row)
+        bar.set_postfix(val_loss=f"{row['val']['loss']:.4f}", val_agree=f"{row['val']['agreement']:.3f}")
+        if row["val"]["loss"] < best - 1e-6:
+            best, bad = row["val"]["loss"], 0
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return history
+
+
+def on_policy_agreement(net: RouterNetwork, executor, tokenizer, task, examples, counts, batch_size=16) -> dict:
+    """The routers' own prefill walk against the searched routes' actions."""
+    pred = torch.zeros_like(counts)
+    for idx, ids, mask in prompt_batches(executor, tokenizer, task, examples, batch_size):
+        pred[idx] = walk(executor, ids, mask, net).counts
+    return {**agreement(actions_of(pred), actions_of(counts)), "mean_blocks": float(pred.sum(1).float().mean())}
+
+
+def train_routers(executor: RouteExecutor, tokenizer, labels: Labels, *, bottleneck: int = 128, windows: int = 8,
+                  dropout: float = 0.0, budget=None, epochs: int = 20, batch_size: int = 32, lr: float = 1e-3,
+                  weight_decay: float = 0.01, patience: int = 5, refine_epochs: int = 5, val_share: float = 0.2,
+                  feature_batch: int = 16, seed: int = 0, base_model: str = "", progress: bool = True,
+                  task=None, keep_refined: bool | None = None) -> tuple[RouterNetwork, dict]:
+    """Train routers on ``labels`` (see the module docstring); returns the network and a report.
+    ``task`` overrides the task the labels name (for tasks built in code); ``keep_refined``
+    True/False keeps or drops the refinement whatever it measured (None: keep it if it helps)."""
+    torch.manual_seed(seed)
+    task = task if task is not None else labels.task()
+    by_uid = {ex.uid: ex for ex in task.examples}
+    train_ids = sorted(labels.search)
+    val_ids = sorted(labels.validation)
+    held_out = not val_ids
+    if held_out:
+        shuffled = train_ids[:]
+        random.Random(seed).shuffle(shuffled)
+        k = max(1, round(val_share * len(shuffled)))
+        if len(shuffled) - k < 1:
+            raise RouterError(f"only {len(shuffled)} labelled samples: too few to hold out a validation share")
+        val_ids, train_ids = sorted(shuffled[:k]), sorted(shuffled[k:])
+    chains = {**labels.search, **labels.validation}
+    L = executor.num_layers
+    c_train, c_val = pass_counts([chains[u] for u in train_ids], L), pass_counts([chains[u] for u in val_ids], L)
+    ex_train, ex_val = [by_uid[u] for u in train_ids], [by_uid[u] for u in val_ids]
+    fp = executor.fingerprint
+    from layerroute.models import weights_digest
+
+    config = RouterConfig(num_layers=L, hidden_size=fp.hidden_size, bottleneck=bottleneck, windows=windows,
+                          dropout=dropout, budget=None if budget is None else str(budget), base_model=base_model,
+                          model=fp.to_dict(), weights_digest=weights_digest(executor.model))
+    net = RouterNetwork(config).to(executor.device)
+    train = collect(executor, tokenizer, task, ex_train, c_train, windows, batch_size=feature_batch,
+                    desc="teacher-forced features (train)")
+    val = collect(executor, tokenizer, task, ex_val, c_val, windows, batch_size=feature_batch,
+                  desc="teacher-forced features (val)")
+    weight = class_weights(train.labels)
+    opts = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, progress=progress)
+    history = fit(net, train, val, weight, epochs=epochs, seed=seed, **opts)
+    before = on_policy_agreement(net, executor, tokenizer, task, ex_val, c_val, feature_batch)
+    report = {"task": labels.task_spec, "task_options": labels.task_options, "train_samples": len(train_ids),
+              "val_samples": len(val_ids), "val_held_out": held_out, "skipped_reordered": labels.skipped,
+              "label_counts": torch.bincount(train.labels.reshape(-1), minlength=NUM_ACTIONS).tolist(),
+              "class_weights": [round(float(w), 4) for w in weight], "epochs_run": len(history),
+              "teacher_forced_val": history[-1]["val"] if history else None,
+              "best_val": min((h["val"] for h in history), key=lambda v: v["loss"]),
+              "on_policy_val": before, "seed": seed, "parameters": net.num_parameters(),
+              "share_of_base": net.share_of(executor.model)}
+    if refine_epochs > 0:
+        teacher = {k: v.clone() for k, v in net.state_dict().items()}
+        own = collect(executor, tokenizer, task, ex_train, c_train, windows, net, batch_size=feature_batch,
+                      desc="on-policy features (train)")
+        fit(net, RouterData.concat([train, own]), val, weight, epochs=refine_epochs, seed=seed + 1,
+            desc="refine on-policy", **{**opts, "lr": lr / 2})
+        after = on_policy_agreement(net, executor, tokenizer, task, ex_val, c_val, feature_batch)
+        kept = after["agreement"] >= before["agreement"] if keep_refined is None else keep_refined
+        if not kept:
+            net.load_state_dict(teacher)
+        report["refinement"] = {"on_policy_val_before": before, "on_policy_val_after": after, "kept": kept}
+    net.config.training = report
+    return net, report
+
+
+def train_router_command(args, load) -> int:
+    """``layerroute train-router``: labels from stores -> routers saved in ``--output``."""
+    from pathlib import Path
+
+    from .network import CONFIG_NAME
+    from .routed_model import save_routers
+
+    out = Path(args.output)
+    if (out / CONFIG_NAME).exists() and not args.overwrite:
+        raise RouterError(f"{out} already holds routers; choose another --output or pass --overwrite")
+    model, tok = load(args)
+    executor = RouteExecutor(model)
+    labels = load_labels(args.labels, executor.fingerprint)
+    net, report = train_routers(
+        executor, tok, labels, bottleneck=args.bottleneck, windows=args.windows, budget=args.budget,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+        refine_epochs=args.refine_epochs, val_share=args.val_share, seed=args.seed, base_model=args.model)
+    save_routers(out, net)
+    refine = report.get("refinement")
+    print(f"trained routers for {labels.task_spec}: {report['train_samples']} train / {report['val_samples']} "
+          f"validation samples ({'held out of the search split' if report['val_held_out'] else 'validation split'})")
+    print(f"parameters: {report['parameters']:,} ({100 * report['share_of_base']:.3f}% of the base model)")
+    print(f"labels skip/execute/repeat: {report['label_counts']}; class weights {report['class_weights']}")
+    print(f"validation agreement: {report['best_val']['agreement']:.3f} per layer, "
+          f"{report['best_val']['route_match']:.3f} whole routes (teacher forced); on-policy "
+          f"{report['on_policy_val']['agreement']:.3f}" +
+          (f" -> {refine['on_policy_val_after']['agreement']:.3f} after refinement "
+           f"({'kept' if refine['kept'] else 'discarded'})" if refine else ""))
+    print(f"wrote {out}")
+    return 0
+
+
+def add_train_arguments(p) -> None:
+    p.add_argument("--labels", nargs="+", required=True,
+                   help="results stores (dirs or results.jsonl) of one task: MCTS, Optuna or PPO outputs")
+    p.add_argument("--output", required=True, help="directory for routers.safetensors and router_config.json")
+    p.add_argument("--overwrite", action="store_true", help="replace routers already in --output")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per training step (all their layers)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation loss before stopping")
+    p.add_argument("--refine-epochs", type=int, default=5, help="on-policy refinement epochs (0: none)")
+    p.add_argument("--val-share", type=float, default=0.2,
+                   help="share of the samples held out for early stopping when no store covers the validation split")
+    p.add_argument("--bottleneck", type=int, default=128)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--budget", default=None, help="default compute budget of the routers at inference")
+    p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,147 @@
+"""PPO on the routing env: learns above random, exports a policy that loads without pickle and routes
+like the env, `eval --policy`, `train-ppo` (resume), and clear errors for bad checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from layerroute.cli import main
+from layerroute.envs.routing_env import LayerRoutingEnv, LayerRoutingVecEnv, build_core
+from layerroute.policies import PolicyError, PPOPolicy, StaticPolicy, load_policy
+from layerroute.scoring import encode_texts, left_pad
+from layerroute.store import ResultsStore, read_store
+
+from .conftest import tiny_model
+from .test_objective import choice_task, tiny, tok  # noqa: F401 (fixtures)
+
+
+def _store(path):
+    return ResultsStore(path, {"kind": "test", "settings": {}, "model": {}, "task": "hand", "split": "search",
+                               "seed": 0})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tok, tmp_path_factory):  # noqa: F811
+    """A short PPO run (fixed seed) with a strong compute penalty: cutting blocks is what pays."""
+    from layerroute.policies.ppo import train_ppo
+
+    torch.manual_seed(0)
+    core = build_core(tiny, tok, choice_task("cloze", 11), lam=4.0, obs_dim=8)
+    out = tmp_path_factory.mktemp("ppo")
+    with _store(out) as store:
+        model, policy = train_ppo(LayerRoutingVecEnv(8, core=core), store, 1024, n_steps=32, batch_size=64,
+                                  learning_rate=3e-3, progress=False, tensorboard=False, checkpoint_every=512)
+    return core, model, policy, out
+
+
+def rollout(core, choose, sample):
+    """Reward of one episode on ``sample`` with ``choose(obs) -> action``."""
+    env = LayerRoutingEnv(core=core)
+    obs, _ = env.reset(seed=0, options={"sample": sample})
+    while True:
+        obs, reward, done, _, info = env.step(choose(obs))
+        if done:
+            return reward, info
+
+
+def test_short_ppo_run_beats_the_random_policy(trained):
+    core, model, policy, _ = trained
+    samples = range(len(core.obj))
+    learned = np.mean([rollout(core, lambda o: policy.act(torch.as_tensor(o)[None])[0], i)[0] for i in samples])
+    rng = np.random.default_rng(0)
+    rand = np.mean([rollout(core, lambda o: int(rng.integers(3)), i)[0] for i in samples for _ in range(4)])
+    assert learned > rand + 1.0, (learned, rand)
+
+
+def test_exported_policy_equals_the_sb3_actor_and_routes_like_the_env(trained, tiny, tok):  # noqa: F811
+    core, model, policy, out = trained
+    loaded = load_policy(out / "policy", tiny)
+    assert isinstance(loaded, PPOPolicy) and sorted(p.name for p in (out / "policy").iterdir()) == \
+        ["policy.safetensors", "policy_config.json"]
+    obs = torch.as_tensor(np.random.default_rng(1).uniform(-2, 2, (32, core.obs_dim)), dtype=torch.float32)
+    obs[:, -2] = torch.randint(0, 5, (32,)) / 5  # layer positions
+    sb3, _ = model.predict(obs.numpy(), deterministic=True)
+    assert loaded.act(obs) == sb3.tolist()
+    # route_batch walks the prompts alone and must pick the routes the env's episodes take
+    obj = core.obj
+    ids, mask = left_pad(encode_texts(tok, obj.prompts), tok, "cpu")
+    routes = loaded.route_batch(tiny, ids, mask)
+    for i, route in enumerate(routes):
+        _, info = rollout(core, lambda o: loaded.act(torch.as_tensor(o)[None])[0], i)
+        assert list(route.layers) == info["route"]
+
+
+def test_missing_corrupt_and_other_model_checkpoints_are_clear_errors(trained, tiny, tmp_path):  # noqa: F811
+    import shutil
+
+    _, _, policy, out = trained
+    with pytest.raises(PolicyError, match="missing"):
+        load_policy(tmp_path / "nothing", tiny)
+    bad = tmp_path / "bad"
+    shutil.copytree(out / "policy", bad)
+    (bad / "policy.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(PolicyError, match="corrupt"):
+        load_policy(bad, tiny)
+    (bad / "policy.safetensors").unlink()
+    with pytest.raises(PolicyError, match="weights are missing"):
+        load_policy(bad, tiny)
+    (bad / "policy_config.json").write_text("{ not json")
+    with pytest.raises(PolicyError, match="not JSON"):
+        load_policy(bad, tiny)
+    trunc = tmp_path / "trunc"
+    shutil.copytree(out / "policy", trunc)
+    cfg = json.loads((trunc / "policy_config.json").read_text())
+    del cfg["arch"]
+    (trunc / "policy_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PolicyError, match="corrupt or incomplete"):
+        load_policy(trunc, tiny)
+    from layerroute import RouteExecutor
+
+    other = RouteExecutor(tiny_model("llama", vocab_size=tiny.stack.embed.num_embeddings, num_hidden_layers=4))
+    with pytest.raises(PolicyError, match="policy"):
+        load_policy(out / "policy", other)
+    same_shape = RouteExecutor(tiny_model("llama", seed=1, vocab_size=tiny.stack.embed.num_embeddings))
+    with pytest.raises(PolicyError, match="another checkpoint"):
+        load_policy(out / "policy", same_shape)
+    with pytest.raises(PolicyError, match="per_token"):
+        PPOPolicy(policy.actor, policy.proj, type(policy.spec)("per_token", 5), tiny.fingerprint)
+
+
+def test_eval_policy_on_a_static_route_equals_eval_route(tiny_dir, tmp_path, capsys):
+    from layerroute import RouteExecutor, load_model
+
+    model, _ = load_model(str(tiny_dir))
+    StaticPolicy(RouteExecutor(model).route("skip:1+repeat:3")).save(tmp_path / "static")
+    common = ["eval", "--model", str(tiny_dir), "--task", "suite:capitals", "--limit", "6"]
+    assert main(common + ["--route", "skip:1+repeat:3", "--output", str(tmp_path / "a")]) == 0
+    assert main(common + ["--policy", str(tmp_path / "static"), "--output", str(tmp_path / "b")]) == 0
+    (_, a), (_, b) = read_store(tmp_path / "a"), read_store(tmp_path / "b")
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("seconds",)} for r in recs  # noqa: E731
+                          if r["type"] == "sample"]
+    assert strip(a) == strip(b) and len(strip(a)) == 6
+    ma, mb = a[-1]["metrics"], b[-1]["metrics"]
+    assert (ma["accuracy"], ma["mean_blocks"], ma["mean_gold_nll"]) == (mb["accuracy"], mb["mean_blocks"],
+                                                                        mb["mean_gold_nll"])
+    assert b[-1]["policy_type"] == "static"
+    assert main(common + ["--policy", str(tmp_path / "nope")]) == 2
+    assert "--policy" in capsys.readouterr().err
+
+
+def test_train_ppo_cli_writes_checkpoints_policy_and_resumes(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train-ppo", "--model", str(tiny_dir), "--task", "suite:capitals", "--limit", "8", "--lambda", "1.0",
+            "--n-envs", "4", "--n-steps", "8", "--batch-size", "16", "--obs-dim", "4", "--no-progress",
+            "--output", str(out)]
+    assert main(args + ["--timesteps", "32"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ppo_32_steps.zip"]
+    assert (out / "policy" / "policy.safetensors").is_file() and any((out / "tb").iterdir())
+    assert main(args + ["--timesteps", "64"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    header, recs = read_store(out)
+    assert header["kind"] == "train-ppo" and [r["timesteps"] for r in recs if r["type"] == "curve"] == [32, 64]
+    assert main(["eval", "--model", str(tiny_dir), "--task", "suite:capitals", "--limit", "4", "--policy",
+                 str(out / "policy")]) == 0
+    assert main(args + ["--timesteps", "64", "--lambda", "2.0"]) == 2  # other settings: refused, not mixed
+    assert main(args[:-2] + ["--timesteps", "0"]) == 2
