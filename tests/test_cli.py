@@ -45,7 +45,7 @@ def test_eval_writes_a_resumable_run_and_refuses_other_settings(tiny_dir, tmp_pa
     from layerroute.store import read_store
 
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(f'{{"q": "What is {i} plus 1?", "a": "{i + 1}"}}\n' for i in range(40)))
+    data.write_text("".join(f'{{"q": "What is {i} plus 1?", "a": "{i + 1}"}}\n' for i in range(10)))
     args = ["eval", "--model", str(tiny_dir), "--task", f"jsonl:{data}", "--fields", "question=q,answer=a",
             "--split", "all", "--batch-size", "4", "--route", "skip:1-2", "--output", str(tmp_path / "run")]
     assert main(args + ["--limit", "6"]) == 0
@@ -63,9 +63,9 @@ def test_eval_writes_a_resumable_run_and_refuses_other_settings(tiny_dir, tmp_pa
     assert len([r for r in read_store(tmp_path / "run")[1] if r["type"] == "sample"]) == 6
     assert main(args) == 2
     assert "other settings (settings.limit: 6 there, None now)" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match="larger than the 40 examples"):
+    with pytest.warns(UserWarning, match="larger than the 10 examples"):
         assert main(args + ["--limit", "100", "--overwrite", "--kind", "generate"]) == 0
-    assert len([r for r in read_store(tmp_path / "run")[1] if r["type"] == "sample"]) == 40
+    assert len([r for r in read_store(tmp_path / "run")[1] if r["type"] == "sample"]) == 10
 
 
 def test_eval_and_baselines_report_bad_tasks(tiny_dir, tmp_path, capsys):
