@@ -45,9 +45,9 @@ def main(argv=None) -> None:
     ex = RouteExecutor(model)
     head = [f"# Full-model accuracy of {args.model} on the generated sub-tasks (test split, seed {args.seed})",
             "", f"`{cmd}`", "",
-            "Each sub-task generates `size` examples (at most the distinct examples it can make, in brackets); "
-            "the test split holds about 30% of them and the first `limit` are scored. Four options each, so "
-            "chance is 25%.", "",
+            "Each sub-task generates `size` examples (in brackets: the most it can make, exact for add2 and mul, "
+            "a cap for the others); the test split holds about 30% of them and the first `limit` are scored. "
+            "Four options each, so chance is 25%.", "",
             "| sub-task | examples (max) | test split | test n scored | accuracy | 95% CI | chance |",
             "|---|---|---|---|---|---|---|"]
     rows, records, total_n, total_right = [], {}, 0, 0
@@ -65,7 +65,8 @@ def main(argv=None) -> None:
         pooled = [_row("all (pooled)", "", "", total_n, total_right, "25%")] if len(rows) > 1 else []
         atomic_write(out / "generated_tasks.md", "\n".join(head + rows + pooled) + "\n")
         atomic_write(out / "generated_tasks.json", json.dumps(
-            {"command": cmd, "environment": environment(), "settings": vars(args), "subtasks": records},
+            {"command": cmd, "environment": environment(),
+             "settings": {k: v for k, v in vars(args).items() if k != "out"}, "subtasks": records},
             indent=2, sort_keys=True) + "\n")
 
 

@@ -107,3 +107,13 @@ def test_errors_name_the_valid_subtasks(monkeypatch):
     monkeypatch.setitem(GENERATORS, "add2", (lambda rng: Item("k", "q", "1", ("2", "3", "4"), "So"), 10))
     with pytest.raises(TaskError, match="could not draw 2 distinct examples"):  # never loops forever
         get_task("gen:add2", size=2)
+
+
+def test_cloze_example_shared_with_the_suite():
+    from layerroute.tasks.base import cloze_example, stable_rng
+
+    ex = cloze_example("u/1", "q?", "7", ["7", "3", "5", "9", "3"], stable_rng("k"), must=("3",), answer_prefix="So")
+    assert gold_of(ex) == "7" and "3" in ex.choices and len(set(ex.choices)) == 4 and ex.answer_prefix == "So"
+    assert ex == cloze_example("u/1", "q?", "7", ["9", "5", "3", "7"], stable_rng("k"), must=("3",), answer_prefix="So")
+    with pytest.raises(TaskError, match="cannot make 4 distinct options from gold '7'"):
+        cloze_example("u/2", "q?", "7", ["7", "3", "3"], stable_rng("k"))

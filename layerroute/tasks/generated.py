@@ -6,6 +6,11 @@ pure function of ``seed``, and a smaller ``size`` gives a prefix of a larger one
 every example is a ``choice`` task scored by cloze: four one-word options (the gold and three
 near misses, stored without a leading space) after a per-example answer prefix. ``gen`` mixes all
 sub-tasks round-robin, so the first N examples of any split hold every sub-task alike.
+
+Sub-tasks, with SmolLM2-135M-Instruct's full-depth accuracy on 400 test examples (seed 0;
+``experiments/results/generated_tasks.md``): ``add2`` two-digit addition (47.5%), ``mul`` a
+one-digit times a two- or three-digit number (46.0%), ``compare`` the largest or smallest of four
+three-digit numbers (34.5%), ``numwords`` a 4-6 digit number written in words, to digits (46.5%).
 """
 
 from __future__ import annotations
