@@ -143,7 +143,7 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--refine-epochs", type=int, default=5, help="on-policy refinement epochs (0: none)")
     p.add_argument("--test-limit", type=int, default=50, help="test-split samples per evaluation")
     p.add_argument("--calib-limit", type=int, default=16, help="search-split samples that calibrate the static route")
-    p.add_argument("--baseline", default="greedy", help="static baseline compared at the routers' compute")
+    p.add_argument("--baseline", default="similarity", help="static baseline compared at the routers' compute (greedy is stronger but takes minutes per removed block on CPU)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=16)
