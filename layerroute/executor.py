@@ -85,6 +85,7 @@ class RouteKVCache:
         self.keys: list[torch.Tensor | None] = [None] * len(schedule)
         self.values: list[torch.Tensor | None] = [None] * len(schedule)
         self.attention_mask: torch.Tensor | None = None  # [B, seq_length] bool
+        self.growing = False
 
     @property
     def seq_length(self) -> int:
@@ -95,6 +96,24 @@ class RouteKVCache:
 
     def slot(self, index: int) -> _SlotView:
         return _SlotView(self, index)
+
+    @classmethod
+    def open(cls, batch: int) -> RouteKVCache:
+        """An empty cache that a block-by-block walk fills (``advance(..., cache=c, grow=True)``)
+        before the routes are known; ``close`` then fixes its routes."""
+        cache = cls(((),) * batch, [])
+        cache.growing = True
+        return cache
+
+    def close(self, chains: Chains) -> RouteKVCache:
+        """Fix the routes of a walked cache; its steps must be the ones ``plan_schedule`` gives for
+        ``chains``, so that decoding continues exactly as after a one-call prefill."""
+        planned = plan_schedule(chains)
+        if [(s.layer, s.row_list) for s in planned] != [(s.layer, s.row_list) for s in self.schedule]:
+            raise RouteError("the walked cache's steps differ from the schedule of its routes; "
+                             "prefill along the routes instead")
+        self.chains, self.growing = chains, False
+        return self
 
 
 class _SlotView:
@@ -162,19 +181,38 @@ def _expand_none_mask(state: RouteState, window) -> torch.Tensor:
                        state.hidden.dtype, allow_none=False)
 
 
-def _build_mask(attn: torch.Tensor, past: int, q: int, window: int | None, impl: str, dtype, allow_none=True):
+def _segment_positions(attn: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Positions of packed rows: the prefix (segment 0) counts from 0, each other segment from
+    the end of the prefix; padding gets 1, as ``begin`` gives it."""
+    shared = attn & (segments == 0)
+    pos = shared.long().cumsum(-1) - 1
+    start = shared.sum(-1, keepdim=True)
+    for k in segments[attn & (segments > 0)].unique().tolist():
+        mine = attn & (segments == k)
+        pos = torch.where(mine, start + mine.long().cumsum(-1) - 1, pos)
+    return pos.masked_fill(~attn, 1)
+
+
+def _build_mask(attn: torch.Tensor, past: int, q: int, window: int | None, impl: str, dtype, allow_none=True,
+                segments: torch.Tensor | None = None, positions: torch.Tensor | None = None):
     """[B, 1, q, past+q] attention mask (bool for sdpa, additive float for eager), or None
-    where sdpa's own causal path is exact (no padding, no active window)."""
+    where sdpa's own causal path is exact (no padding, no active window). With ``segments``
+    (see ``RouteExecutor.begin``), a token sees the prefix and its own segment only, and the
+    window counts ``positions``."""
     kv = attn.shape[1]
-    if allow_none and impl == "sdpa" and (past == 0 or q == 1) and (window is None or kv <= window) \
-            and bool(attn.all()):
+    if allow_none and segments is None and impl == "sdpa" and (past == 0 or q == 1) \
+            and (window is None or kv <= window) and bool(attn.all()):
         return None
     q_idx = torch.arange(past, past + q, device=attn.device)[:, None]
     k_idx = torch.arange(kv, device=attn.device)[None, :]
-    allowed = k_idx <= q_idx
-    if window is not None:
+    allowed = (k_idx <= q_idx)[None]
+    if segments is not None:
+        allowed = allowed & ((segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None]))
+        if window is not None:
+            allowed = allowed & (positions[:, None, :] > positions[:, :, None] - window)
+    elif window is not None:
         allowed = allowed & (k_idx > q_idx - window)
-    allowed = (allowed[None, None] & attn[:, None, None, :]) | (k_idx == q_idx)  # pad rows see themselves
+    allowed = (allowed[:, None] & attn[:, None, None, :]) | (k_idx == q_idx)  # pad rows see themselves
     if impl == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=attn.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -229,11 +267,17 @@ class RouteExecutor:
     # ---- the walk ---------------------------------------------------------------------------
     @torch.no_grad()
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              position_ids: torch.Tensor | None = None, past: int = 0) -> RouteState:
+              position_ids: torch.Tensor | None = None, past: int = 0,
+              segments: torch.Tensor | None = None) -> RouteState:
         """Embed ``input_ids`` [B, T] and build the masks and rotary embeddings once.
 
         ``attention_mask`` covers ``past + T`` columns (1 = token, 0 = padding). Positions
         default to the count of real tokens before each one, as ``generate`` assigns them.
+
+        ``segments`` [B, T] packs several continuations of one shared prefix into one row
+        (no ``past``): tokens of segment 0 are the prefix, tokens of segment k > 0 see the prefix
+        and the earlier tokens of segment k only, and are positioned right after the prefix,
+        so each continuation is computed exactly as in its own row (``pack_continuations``).
         """
         if input_ids.dim() != 2:
             raise RouteError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
@@ -249,7 +293,13 @@ class RouteExecutor:
         empty = (~attention_mask.any(dim=1)).nonzero().flatten().tolist()
         if empty:
             raise InputError(f"sample {empty[0]} of the batch has no tokens (its attention_mask row is all zeros)")
-        if position_ids is None:
+        if segments is not None:
+            if past or segments.shape != (batch, q):
+                raise RouteError(f"segments must be [batch, tokens] = {(batch, q)} with no past, "
+                                 f"got {tuple(segments.shape)} and past {past}")
+            segments = segments.to(device)
+            position_ids = _segment_positions(attention_mask, segments)
+        elif position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             position_ids = position_ids.masked_fill(~attention_mask[:, past:], 1)
         position_ids = position_ids.to(device).expand(batch, q)
@@ -261,7 +311,8 @@ class RouteExecutor:
             pe = {t: st.rotary(hidden, position_ids, t) for t in set(st.layer_types)}
         else:
             pe = {"*": st.rotary(hidden, position_ids)}
-        masks = {w: _build_mask(attention_mask, past, q, w, st.attn_implementation, hidden.dtype)
+        masks = {w: _build_mask(attention_mask, past, q, w, st.attn_implementation, hidden.dtype,
+                                segments=segments, positions=position_ids if segments is not None else None)
                  for w in set(st.windows)}
         return RouteState(hidden, attention_mask, position_ids, past, pe, masks)
 
@@ -271,11 +322,22 @@ class RouteExecutor:
         """Run ``chains`` (one chain of block indices for all rows, or one per row; a chain
         may be empty) from ``state`` and return the new state.
 
-        With ``cache``, each schedule step reads and extends its own KV slot. ``record``, a
-        list of per-row lists, collects each row's state after each of its blocks.
+        With ``cache``, each schedule step reads and extends its own KV slot; a growing cache
+        (``RouteKVCache.open``) gets new slots for ``chains``' steps. ``record``, a list of
+        per-row lists, collects each row's state after each of its blocks.
         """
         chains = self._chains(chains, state.hidden.shape[0], allow_empty=True)
-        schedule = cache.schedule if cache is not None else plan_schedule(chains, self.device)
+        first = 0
+        if cache is None or cache.growing:
+            schedule = plan_schedule(chains, self.device)
+            if cache is not None:
+                first = len(cache.schedule)
+                cache.schedule += schedule
+                cache.keys += [None] * len(schedule)
+                cache.values += [None] * len(schedule)
+                cache.attention_mask = state.attention_mask
+        else:
+            schedule = cache.schedule
         hidden, q, st = state.hidden, state.hidden.shape[1], self.stack
         tm = self._token_mask(token_mask, hidden.shape[0], state.past + q)
         for s, step in enumerate(schedule):
@@ -290,7 +352,7 @@ class RouteExecutor:
                 mask = None if mask is None else mask.index_select(0, rows)
             out = st.layers[layer](
                 h, attention_mask=mask, position_ids=pos, position_embeddings=pe,
-                cache=None if cache is None else cache.slot(s), use_cache=cache is not None,
+                cache=None if cache is None else cache.slot(first + s), use_cache=cache is not None,
             )
             out = out[0] if isinstance(out, tuple) else out
             if tm is not None:
@@ -360,11 +422,13 @@ class RouteExecutor:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                  token_mask: torch.Tensor | None = None, use_cache: bool = True,
-                 output_logits: bool = False) -> Generation:
+                 output_logits: bool = False, prefill: RoutedOutput | None = None) -> Generation:
         """Greedy or sampled decoding; each sample keeps its route for every new token.
 
         ``use_cache=False`` recomputes the whole sequence at each step (the reference that
         cached decoding must equal). With ``token_mask``, it must cover prompt and new tokens.
+        ``prefill``: the prompt already run along ``routes`` (last-position logits and its cache,
+        e.g. from a routing walk), so the prompt is not run again.
         """
         from transformers.generation.logits_process import (
             LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
@@ -396,8 +460,17 @@ class RouteExecutor:
         pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         cache, step_logits, fed = None, [], ids
-        for _ in range(max_new_tokens):
-            if use_cache:
+        if prefill is not None:
+            if not use_cache or token_mask is not None:
+                raise RouteError("a prefill is reused only by cached decoding without a token mask")
+            if prefill.cache is None or prefill.cache.chains != self._chains(routes, batch) \
+                    or prefill.cache.seq_length != ids.shape[1]:
+                raise RouteError("the prefill was not made for these prompts along these routes")
+        for step in range(max_new_tokens):
+            if step == 0 and prefill is not None:
+                out = prefill
+                cache = out.cache
+            elif use_cache:
                 out = self.forward(fed, mask, routes, token_mask=token_mask, cache=cache, use_cache=True,
                                    logits_to_keep=1)
                 cache = out.cache

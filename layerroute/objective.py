@@ -1,8 +1,11 @@
 """The shared objective: the reward of a route on a sample, for many (sample, route) pairs at once.
 
-One ``Objective`` per (model, task, examples) tokenizes once. Each sample becomes one or more
-*rows* (token sequences): a cloze question has one row per option (prompt + option), a letter
-question one row (the prompt), a generate or loglik example one row (prompt + gold). All rows
+One ``Objective`` per (model, task, examples) tokenizes once. Each sample becomes one *row*
+(token sequence): a letter question the prompt, a generate or loglik example prompt + gold,
+a cloze question the prompt once followed by every option, *packed* (each option sees the
+prompt and itself only, and sits at the positions right after the prompt; see
+``RouteExecutor.begin``), which costs about a third of one row per option. Packing is checked
+once per model against one row per option (``pack=False``, also the fallback). All rows
 are left-padded to one width, so the states of any samples can be stacked and advanced in one
 batched executor call, and a state computed after a prefix of blocks can be reused by every
 route that starts with that prefix (``begin`` / ``advance`` / ``finish``).
@@ -85,7 +88,7 @@ class Objective:
 
     def __init__(self, executor: RouteExecutor, tokenizer, task, examples=None, *, reward: str = "margin",
                  lam: float = 0.0, budget: Budget | str | float | None = None, chat: bool = True,
-                 batch_rows: int = 64):
+                 batch_rows: int = 64, pack: bool = True):
         if reward not in REWARDS:
             raise ObjectiveError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
@@ -108,7 +111,11 @@ class Objective:
         self.has_correct = task.kind in ("choice", "generate")
         self.cache: dict = {}  # work that searchers reuse across calls (e.g. greedy's removal order)
         self.prompts = task_prompts(tokenizer, task, self.examples, chat)
+        self.packed = pack and task.kind == "choice" and task.choice_scoring == "cloze"
         self._tokenize()
+        if self.packed and not _packing_is_exact(self):
+            self.packed = False
+            self._tokenize()
 
     @classmethod
     def from_task(cls, executor: RouteExecutor, tokenizer, task, split: str = "search", limit: int | None = None,
@@ -125,8 +132,8 @@ class Objective:
     def _tokenize(self) -> None:
         """Rows, their continuation lengths, and the gold row of each sample, once."""
         task, tok = self.task, self.tokenizer
-        seqs, cont, owner = [], [], []
-        self.letter_ids = None
+        seqs, cont, owner, segs = [], [], [], []
+        self.letter_ids = self.segments = None
         if task.kind == "choice" and task.choice_scoring == "letter":
             letters = LETTERS[: max(len(ex.choices) for ex in self.examples)]
             self.letter_ids = torch.tensor([encode_texts(tok, [" " + x])[0][-1] for x in letters])
@@ -140,6 +147,14 @@ class Objective:
             if conts == [None]:
                 seqs += encode_texts(tok, [prompt])
                 cont.append(0)
+            elif self.packed:  # one row: the prompt once, then every option (see RouteExecutor.begin)
+                rows, lens = join_continuations(tok, [prompt] * len(conts), conts)
+                shared = len(rows[0]) - lens[0]
+                seqs.append(rows[0][:shared] + [t for r in rows for t in r[shared:]])
+                segs.append([0] * shared + [k + 1 for k, n in enumerate(lens) for _ in range(n)])
+                cont.append(sum(lens))
+                owner.append(i)
+                continue
             else:
                 rows, lens = join_continuations(tok, [prompt] * len(conts), conts)
                 seqs += rows
@@ -159,6 +174,31 @@ class Objective:
                                       .tolist()[:-1])
         self.num_rows = torch.bincount(self.owner, minlength=len(self.examples))
         self.keep = int(self.cont_len.max()) + 1 if self.letter_ids is None else 1
+        if self.packed:
+            self._pack_targets(segs)
+
+    def _pack_targets(self, segs) -> None:
+        """Packed rows: ``segments`` [R, W], and for option k of row r, the logit positions (within
+        the last ``keep`` columns), target ids and validity of its tokens, each [R, K, M]."""
+        R, W = self.ids.shape
+        self.segments = torch.zeros(R, W, dtype=torch.long)
+        K = max(max(s) for s in segs)
+        M = max(s.count(k) for s in segs for k in range(1, K + 1))
+        pos = torch.zeros(R, K, M, dtype=torch.long)
+        tgt = torch.zeros(R, K, M, dtype=torch.long)
+        valid = torch.zeros(R, K, M, dtype=torch.bool)
+        off = W - self.keep
+        for r, seg in enumerate(segs):
+            start = W - len(seg)
+            self.segments[r, start:] = torch.tensor(seg)
+            last_prompt = start + seg.count(0) - 1
+            for k in range(1, K + 1):
+                cols = [start + c for c, g in enumerate(seg) if g == k]
+                for m, col in enumerate(cols):
+                    pos[r, k - 1, m] = (last_prompt if m == 0 else cols[m - 1]) - off
+                    tgt[r, k - 1, m] = self.ids[r, col]
+                    valid[r, k - 1, m] = True
+        self.option_pos, self.option_target, self.option_valid = pos, tgt, valid
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -181,7 +221,8 @@ class Objective:
         samples = [self._check_sample(i) for i in samples]
         rows = self.rows_of(samples)
         dev = self.executor.device
-        state = self.executor.begin(self.ids[rows].to(dev), self.mask[rows].to(dev))
+        segments = None if self.segments is None else self.segments[rows]
+        state = self.executor.begin(self.ids[rows].to(dev), self.mask[rows].to(dev), segments=segments)
         return PrefixState(samples, state, [0] * len(samples), self.num_rows[samples].tolist())
 
     def advance(self, prefix: PrefixState, chains: Sequence[Sequence[int]]) -> PrefixState:
@@ -211,27 +252,53 @@ class Objective:
                 correct.append(int(lp[j, :k].argmax()) == int(local_gold[j]))
             margin = torch.stack(margins)
         else:
-            ids = self.ids[rows].to(logp.device)
-            targets = ids[:, -self.keep + 1:]  # [R, keep-1]
-            tok_lp = logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
-            n = self.cont_len[rows].to(logp.device)
-            pos = torch.arange(self.keep - 1, device=logp.device)[None, :]
-            in_cont = pos >= (self.keep - 1 - n[:, None])
-            row_lp = (tok_lp * in_cont).sum(-1)  # summed log-likelihood of each row's continuation
-            margins, correct, r = [], [], 0
-            for j, i in enumerate(samples):
-                k = int(self.num_rows[i])
-                part, g = row_lp[r:r + k], int(local_gold[j])
+            margins, correct = [], []
+            for j, (part, n) in enumerate(self._continuation_logliks(samples, rows, logp)):
+                g = int(local_gold[j])
                 if self.task.kind == "choice":
                     margins.append(_margin(part, g))
                     correct.append(int((-part).argmin()) == g)  # the scorer's rule: lowest NLL, first on ties
                 else:
-                    margins.append(part[g] / n[r + g])  # minus the gold NLL per token
+                    margins.append(part[g] / n[g])  # minus the gold NLL per token
                     correct.append(False)
-                r += k
             margin = torch.stack(margins)
         correct = torch.tensor(correct, dtype=torch.bool)
         return self._reward(margin.cpu(), correct, blocks)
+
+    def _continuation_logliks(self, samples, rows, logp) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sample: the summed log-likelihood of each continuation (cloze: each option) and its tokens."""
+        dev, out = logp.device, []
+        if self.packed:  # one row per sample
+            r_idx = torch.arange(len(rows), device=dev)[:, None, None]
+            lp = logp[r_idx, self.option_pos[rows].to(dev), self.option_target[rows].to(dev)]
+            valid = self.option_valid[rows].to(dev)
+            option_lp, lens = (lp * valid).sum(-1), valid.sum(-1)  # [R, K]
+            return [(option_lp[j, :len(self.examples[i].choices)], lens[j, :len(self.examples[i].choices)])
+                    for j, i in enumerate(samples)]
+        targets = self.ids[rows].to(dev)[:, -self.keep + 1:]  # [R, keep-1]
+        tok_lp = logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
+        n = self.cont_len[rows].to(dev)
+        in_cont = torch.arange(self.keep - 1, device=dev)[None, :] >= (self.keep - 1 - n[:, None])
+        row_lp, r = (tok_lp * in_cont).sum(-1), 0
+        for i in samples:
+            k = int(self.num_rows[i])
+            out.append((row_lp[r:r + k], n[r:r + k]))
+            r += k
+        return out
+
+    def continuation_logliks(self, samples: Sequence[int], chains) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per (sample, route) pair: the summed log-likelihood of each continuation (a cloze
+        question's options; else the gold) and its token count, batched as ``score`` is."""
+        if self.letter_ids is not None:
+            raise ObjectiveError(f"task {self.task.name} scores letters, not continuations")
+        chains = [c.layers if isinstance(c, Route) else tuple(int(b) for b in c) for c in chains]
+        out, j = [], 0
+        for chunk in self.batches(samples):
+            state = self.advance(self.begin(chunk), chains[j:j + len(chunk)])
+            logits = self.executor.finish(state.state, self.keep).float()
+            out += self._continuation_logliks(chunk, self.rows_of(chunk), torch.log_softmax(logits, dim=-1))
+            j += len(chunk)
+        return out
 
     def _reward(self, margin, correct, blocks) -> Scores:
         base = correct.float() if self.reward_kind == "correct" else margin
@@ -295,6 +362,27 @@ class Objective:
         if not 0 <= int(i) < len(self.examples):
             raise ObjectiveError(f"sample index {i} is out of range: the objective has {len(self.examples)} samples")
         return int(i)
+
+
+def _packing_is_exact(obj: Objective, samples: int = 4) -> bool:
+    """Whether packed rows score as separate rows do on this model (identity route, first
+    ``samples`` samples), checked once per executor; a model that places or masks tokens
+    its own way (not by position ids and the 4D mask) gets separate rows, with a warning."""
+    ex = obj.executor
+    if not hasattr(ex, "_packing_exact"):
+        import warnings
+
+        n = min(samples, len(obj))
+        plain = Objective(ex, obj.tokenizer, obj.task, obj.examples[:n], chat=obj.chat, pack=False)
+        identity = [tuple(range(obj.num_layers))] * n
+        a, b = obj.score(range(n), identity).margin, plain.score(range(n), identity).margin
+        tol = 2e-3 if next(ex.model.parameters()).dtype in (torch.float32, torch.float64) else 2e-1
+        ex._packing_exact = bool(torch.allclose(a, b, atol=tol, rtol=0, equal_nan=True))
+        if not ex._packing_exact:
+            warnings.warn(f"{type(ex.model).__name__}: options packed behind one shared prompt do not score as "
+                          f"separate rows (margins {a.tolist()} against {b.tolist()}); scoring each option in its "
+                          f"own row instead (slower)", stacklevel=3)
+    return ex._packing_exact
 
 
 def _margin(lp: torch.Tensor, gold: int) -> torch.Tensor:

@@ -113,24 +113,18 @@ def _letter(executor, tokenizer, task, examples, prompts, routes):
     return preds, gold_nll, [len(s) + 1 for s in seqs], [""] * len(examples)
 
 
-def _cloze(executor, tokenizer, task, examples, prompts, routes):
-    """Every option as a continuation; the lowest summed NLL wins; the gold option's NLL per token."""
-    flat_p, flat_c, flat_r = [], [], []
-    for b, ex in enumerate(examples):
-        flat_p += [prompts[b]] * len(ex.choices)
-        flat_c += [" " + opt for opt in ex.choices]
-        flat_r += [routes[b]] * len(ex.choices)
-    nll, lens, seq_tokens = continuation_nll(executor, tokenizer, flat_p, flat_c, flat_r)
-    preds, gold_nll, tokens, j = [], [], [], 0
-    for ex in examples:
-        k = len(ex.choices)
-        scores = nll[j:j + k]
-        g = j + LETTERS.index(ex.answer)
-        preds.append(LETTERS[min(range(k), key=scores.__getitem__)])
-        gold_nll.append(nll[g] / lens[g])
-        tokens.append(sum(seq_tokens[j:j + k]))
-        j += k
-    return preds, gold_nll, tokens, [""] * len(examples)
+def _cloze(executor, tokenizer, task, examples, prompts, routes, chat=True):
+    """Every option as a continuation (packed behind one prompt, see ``Objective``); the lowest
+    summed NLL wins (the first on ties); the gold option's NLL per token."""
+    from .objective import Objective
+
+    obj = Objective(executor, tokenizer, task, examples, chat=chat, batch_rows=sum(len(e.choices) for e in examples))
+    preds, gold_nll = [], []
+    for ex, (lp, n) in zip(examples, obj.continuation_logliks(range(len(examples)), routes)):
+        g = LETTERS.index(ex.answer)
+        preds.append(LETTERS[int((-lp).argmin())])
+        gold_nll.append(float(-lp[g] / n[g]))
+    return preds, gold_nll, obj.tokens(range(len(examples))).tolist(), [""] * len(examples)
 
 
 def gold_nll_per_token(executor, tokenizer, task, examples, prompts, routes):
@@ -165,8 +159,11 @@ def score_batch(executor: RouteExecutor, tokenizer, task, examples, routes: list
         preds, texts = [f"{x:.4f}" for x in gold_nll], [""] * len(examples)
         correct = [None] * len(examples)
     else:
-        scorer = _generate if task.kind == "generate" else _letter if task.choice_scoring == "letter" else _cloze
-        preds, gold_nll, tokens, texts = scorer(executor, tokenizer, task, examples, prompts, routes)
+        if task.kind == "choice" and task.choice_scoring == "cloze":
+            preds, gold_nll, tokens, texts = _cloze(executor, tokenizer, task, examples, prompts, routes, chat)
+        else:
+            scorer = _generate if task.kind == "generate" else _letter
+            preds, gold_nll, tokens, texts = scorer(executor, tokenizer, task, examples, prompts, routes)
         correct = [p == ex.answer for p, ex in zip(preds, examples)]
     return [SampleScore(ex.uid, c, p, ex.answer, nll, r.cost, t, o)
             for ex, c, p, nll, r, t, o in zip(examples, correct, preds, gold_nll, routes, tokens, texts)]

@@ -32,7 +32,7 @@ from torch import nn
 
 from layerroute.budget import Budget
 from layerroute.errors import LayerRouteError
-from layerroute.executor import RouteExecutor
+from layerroute.executor import RouteExecutor, RouteKVCache, RoutedOutput
 from layerroute.route import ACTIONS, Route
 
 CONFIG_NAME = "router_config.json"
@@ -177,10 +177,13 @@ class Walk:
     logits: torch.Tensor | None
     features: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    prefill: RoutedOutput | None = None
+
+    def chains(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(i for i, c in enumerate(row) for _ in range(c)) for row in self.counts.tolist())
 
     def routes(self, executor: RouteExecutor) -> list[Route]:
-        fp = executor.fingerprint
-        return [Route(tuple(i for i, c in enumerate(row) for _ in range(c)), fp) for row in self.counts.tolist()]
+        return [Route(chain, executor.fingerprint) for chain in self.chains()]
 
 
 def _choose(logits: torch.Tensor, used: torch.Tensor, max_blocks: int | None, last: bool) -> torch.Tensor:
@@ -197,12 +200,14 @@ def _choose(logits: torch.Tensor, used: torch.Tensor, max_blocks: int | None, la
 @torch.no_grad()
 def walk(executor: RouteExecutor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
          net: RouterNetwork | None = None, *, forced: torch.Tensor | None = None, budget=None,
-         collect: bool = False, windows: int | None = None) -> Walk:
+         collect: bool = False, windows: int | None = None, prefill: bool = False) -> Walk:
     """Walk the prompt through the model once, block by block, deciding each block per sample.
 
     With ``net``, router ``i`` decides block ``i`` from the state it reached (``budget`` caps
     the blocks); with ``forced`` ([B, L] passes, e.g. a searched route), the walk follows it
-    (teacher forcing). ``collect`` keeps the window means each router read.
+    (teacher forcing). ``collect`` keeps the window means each router read. ``prefill`` keeps
+    the walk's KV cache and last logits (``Walk.prefill``), so generation does not run the
+    prompt again.
     """
     if (net is None) == (forced is None):
         raise RouterError("walk needs either routers (net) or forced pass counts, not both")
@@ -216,6 +221,7 @@ def walk(executor: RouteExecutor, input_ids: torch.Tensor, attention_mask: torch
     budget = Budget.parse(budget)
     max_blocks = budget.max_blocks(L) if budget is not None else None
     used = torch.zeros(B, dtype=torch.long, device=mask.device)
+    cache = RouteKVCache.open(B) if prefill else None
     counts, logits, feats, valid = [], [], [], None
     for i in range(L):
         need = net is not None or collect
@@ -233,14 +239,18 @@ def walk(executor: RouteExecutor, input_ids: torch.Tensor, attention_mask: torch
         used = used + c
         chains = [(i,) * n for n in c.tolist()]
         if any(chains):
-            state = executor.advance(state, chains)
-    return Walk(torch.stack(counts, 1).cpu(), torch.stack(logits, 1).cpu() if logits else None,
-                torch.stack(feats, 1).cpu() if collect else None, valid.cpu() if collect else None)
+            state = executor.advance(state, chains, cache=cache)
+    result = Walk(torch.stack(counts, 1).cpu(), torch.stack(logits, 1).cpu() if logits else None,
+                  torch.stack(feats, 1).cpu() if collect else None, valid.cpu() if collect else None)
+    if prefill:
+        result.prefill = RoutedOutput(executor.finish(state, 1), None, cache.close(result.chains()))
+    return result
 
 
 def route_prompts(net: RouterNetwork, executor: RouteExecutor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None, budget=None) -> tuple[list[Route], Walk]:
+                  attention_mask: torch.Tensor | None = None, budget=None,
+                  prefill: bool = False) -> tuple[list[Route], Walk]:
     """One route per prompt of a left-padded batch, decided by the routers at prefill."""
     result = walk(executor, input_ids, attention_mask, net,
-                  budget=budget if budget is not None else net.config.budget)
+                  budget=budget if budget is not None else net.config.budget, prefill=prefill)
     return result.routes(executor), result

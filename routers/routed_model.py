@@ -12,7 +12,7 @@ nothing is ever unpickled.
 ``RoutedModel`` wraps the frozen base. ``forward`` and ``generate`` take the usual Hugging Face
 arguments; the routers pick each sample's route once at prefill, and generation keeps that
 route for every new token (``RouteExecutor.generate``, whose KV cache has a slot per executed
-block). ``with model.disable_routing():`` runs the plain base model.
+block); the routing walk fills that cache, so the prompt runs only once. ``with model.disable_routing():`` runs the plain base model.
 """
 
 from __future__ import annotations
@@ -203,9 +203,11 @@ class RoutedModel(nn.Module):
         opts = {k: v if v is not None else getattr(gc, k, None) for k, v in given.items()}
         if not opts["do_sample"]:
             opts.update(do_sample=False, temperature=1.0, top_k=None, top_p=None)
-        routes = self.route(input_ids, attention_mask)
+        routes, decided = route_prompts(self.routers, self.executor, input_ids, attention_mask, self.budget,
+                                        prefill=True)
         return self.executor.generate(input_ids, attention_mask, routes, max_new_tokens=max_new_tokens or 20,
-                                      seed=seed, **{**opts, "temperature": opts["temperature"] or 1.0}).sequences
+                                      seed=seed, prefill=decided.prefill,
+                                      **{**opts, "temperature": opts["temperature"] or 1.0}).sequences
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write only the routers (safetensors) and their config; never the base model's weights."""

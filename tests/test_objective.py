@@ -67,6 +67,38 @@ def test_cloze_margin_equals_hand_computation(tiny, tok):
         assert float(got[i]) == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("mistral", "eager"),
+                                         ("gemma2", "eager"), ("gemma3", "sdpa"), ("granite", "sdpa")])
+def test_packed_options_score_as_separate_rows(tok, family, attn):
+    """Cloze options packed behind one shared prompt (one row per sample) give the margins of
+    one row per option, for reordered and repeated routes and sliding windows shorter than the prompt."""
+    ex = RouteExecutor(tiny_model(family, vocab_size=len(tok), attn_implementation=attn))
+    task = choice_task("cloze", n=6)
+    packed, plain = Objective(ex, tok, task, batch_rows=3), Objective(ex, tok, task, pack=False)
+    assert packed.packed and not plain.packed and packed.ids.shape[0] == 6 and plain.ids.shape[0] == 24
+    routes = routes_for(ex, 6)
+    a, b = packed.score(range(6), routes), plain.score(range(6), routes)
+    assert torch.allclose(a.margin, b.margin, atol=1e-4) and torch.equal(a.correct, b.correct)
+    assert 0 < int(b.correct.sum()) < 6
+    state = packed.advance(packed.begin([1, 4]), [(0, 1), (2,)])  # the walk agrees too
+    want = plain.finish(plain.advance(plain.begin([1, 4]), [(0, 1), (2,)]))
+    assert torch.allclose(packed.finish(state).margin, want.margin, atol=1e-4)
+
+
+def test_a_model_that_cannot_pack_scores_separate_rows(tok, monkeypatch):
+    import layerroute.executor as executor_module
+
+    ex = RouteExecutor(tiny_model("llama", vocab_size=len(tok)))
+    build = executor_module._build_mask  # emulate a model that ignores the packed mask: options see each other
+    monkeypatch.setattr(executor_module, "_build_mask", lambda *a, **k: build(*a, **{**k, "segments": None}))
+    with pytest.warns(UserWarning, match="own row"):
+        obj = Objective(ex, tok, choice_task("cloze", n=4))
+    assert not obj.packed and obj.ids.shape[0] == 16
+    want = Objective(RouteExecutor(tiny_model("llama", vocab_size=len(tok))), tok, choice_task("cloze", n=4), pack=False)
+    assert torch.allclose(obj.score(range(4), [ex.route()] * 4).margin, want.score(range(4), [ex.route()] * 4).margin,
+                          atol=1e-5)
+
+
 def test_generate_margin_is_minus_gold_nll_and_correct_decodes(tiny, tok):
     exs = [Example(f"g/{i}", f"What is {i} plus {i}?", str(2 * i)) for i in range(4)]
     task = Task("gen", "generate", exs, max_new_tokens=4, extract="last_number")

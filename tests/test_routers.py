@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from layerroute import RouteExecutor
+from layerroute.errors import RouteError
 from layerroute.cli import main
 from layerroute.models import weights_digest
 from layerroute.routers import (RoutedModel, RouterConfig, RouterError, RouterNetwork, load_routers, route_prompts,
@@ -154,6 +155,25 @@ def test_routed_generate_equals_the_executor_along_the_chosen_routes(base):
         assert model(ids, mask).routes is None
     with pytest.raises(RouterError, match="num_beams"):
         model.generate(ids, mask, num_beams=2)
+
+
+def test_the_routing_walk_is_the_prefill_generation_continues_from(base):
+    ex, net = RouteExecutor(base), make_net(base)
+    ids, mask = batch()
+    routes, decided = route_prompts(net, ex, ids, mask, prefill=True)
+    ref = ex(ids, mask, routes, use_cache=True, logits_to_keep=1)
+    got = decided.prefill
+    assert torch.allclose(got.logits, ref.logits, atol=1e-5)
+    assert [(s.layer, s.row_list) for s in got.cache.schedule] == [(s.layer, s.row_list) for s in ref.cache.schedule]
+    for a, b in zip(got.cache.keys + got.cache.values, ref.cache.keys + ref.cache.values):
+        assert torch.allclose(a, b, atol=1e-5)
+    want = ex.generate(ids, mask, routes, max_new_tokens=5, output_logits=True)
+    reused = ex.generate(ids, mask, routes, max_new_tokens=5, output_logits=True, prefill=got)
+    assert torch.equal(reused.sequences, want.sequences)
+    assert torch.allclose(reused.logits, want.logits, atol=1e-5)
+    other = [ex.route(None)] * ids.shape[0]
+    with pytest.raises(RouteError, match="not made for these prompts"):
+        ex.generate(ids, mask, other, max_new_tokens=2, prefill=route_prompts(net, ex, ids, mask, prefill=True)[1].prefill)
 
 
 def synthetic_task(n=48):
