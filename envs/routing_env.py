@@ -154,7 +154,7 @@ class RoutingCore:
             scores = obj.finish(PrefixState.concat([prefix.select(j) for j in ended]))
             blocks = torch.tensor([progress[j].blocks for j in ended], dtype=torch.float64)
             reward = scores.reward if spec.mode != "per_token" else \
-                obj._reward(scores.margin, scores.correct, blocks).reward  # the objective's own formula
+                obj.reward_of(scores.margin, scores.correct, blocks).reward  # the objective's own formula
             if not bool(torch.isfinite(reward).all()):
                 raise EnvError(f"non-finite reward {reward.tolist()} on samples "
                                f"{[obj.examples[episodes[j].sample].uid for j in ended]}; refusing to train on it")

@@ -263,7 +263,7 @@ class Objective:
                     correct.append(False)
             margin = torch.stack(margins)
         correct = torch.tensor(correct, dtype=torch.bool)
-        return self._reward(margin.cpu(), correct, blocks)
+        return self.reward_of(margin.cpu(), correct, blocks)
 
     def _continuation_logliks(self, samples, rows, logp) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sample: the summed log-likelihood of each continuation (cloze: each option) and its tokens."""
@@ -300,7 +300,8 @@ class Objective:
             j += len(chunk)
         return out
 
-    def _reward(self, margin, correct, blocks) -> Scores:
+    def reward_of(self, margin, correct, blocks) -> Scores:
+        """Scores from margins, correctness and blocks (which may be fractional): the reward formula."""
         base = correct.float() if self.reward_kind == "correct" else margin
         reward = base - self.lam * blocks.float() / self.num_layers
         if self.max_blocks is not None:
@@ -351,7 +352,7 @@ class Objective:
             margin += [-s.gold_nll for s in out]
             correct += [bool(s.correct) for s in out]
         blocks = torch.tensor([len(c) for c in chains])
-        return self._reward(torch.tensor(margin), torch.tensor(correct, dtype=torch.bool), blocks)
+        return self.reward_of(torch.tensor(margin), torch.tensor(correct, dtype=torch.bool), blocks)
 
     def mean_reward(self, chain: Sequence[int] | Route, samples: Sequence[int] | None = None) -> float:
         """Mean reward of one route over ``samples`` (default: all)."""

@@ -55,6 +55,45 @@ def atomic_write(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_json(path: str | Path, error: type[Exception], missing: str) -> dict:
+    """A JSON file, or ``error`` saying it is ``missing`` or corrupt (never a raw traceback)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is corrupt (not JSON: {exc})") from None
+
+
+def read_safetensors(path: str | Path, error: type[Exception], missing: str) -> dict:
+    """Tensors of a safetensors file (nothing is unpickled), or ``error`` saying it is ``missing``,
+    corrupt or truncated."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise error(f"{path} is corrupt or truncated (not a readable safetensors file: {exc}); "
+                    f"save or copy it again") from None
+
+
+def check_weights_digest(model, digest: str | None, where, error: type[Exception], what: str) -> None:
+    """Refuse ``what`` (saved at ``where``, trained on weights with ``digest``) on a model whose
+    weights differ: it reads hidden states, so it only works on its own checkpoint."""
+    from .models import weights_digest
+
+    mine = weights_digest(model) if digest else None
+    if digest and mine != digest:
+        raise error(f"{where}: this {what} was trained on another checkpoint of the same shape (weights digest "
+                    f"{digest}); this model's weights digest is {mine}. It reads the base model's hidden states, "
+                    f"so it only works on the checkpoint it was trained on")
+
+
 def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 

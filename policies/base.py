@@ -23,22 +23,23 @@ import torch
 from layerroute.errors import FingerprintMismatchError, LayerRouteError
 from layerroute.executor import RouteExecutor
 from layerroute.models import ModelFingerprint
+from layerroute.registry import Registry
 from layerroute.route import Route
+from layerroute.store import atomic_write, read_json
 
 CONFIG_NAME = "policy_config.json"
-POLICIES: dict[str, type[RoutingPolicy]] = {}
 
 
 class PolicyError(LayerRouteError, ValueError):
     """A saved policy that is missing, corrupt, of an unknown type, or made for another model."""
 
 
+POLICIES = Registry("policy type", PolicyError)
+
+
 def register_policy(cls: type[RoutingPolicy]) -> type[RoutingPolicy]:
     """Class decorator: register ``cls`` under ``cls.type``; a type may be registered once."""
-    if cls.type in POLICIES:
-        raise PolicyError(f"policy type {cls.type!r} is already registered (by {POLICIES[cls.type].__qualname__})")
-    POLICIES[cls.type] = cls
-    return cls
+    return POLICIES.add(cls.type, cls)
 
 
 class RoutingPolicy(ABC):
@@ -65,8 +66,6 @@ class RoutingPolicy(ABC):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``policy_config.json`` (and any weights the subclass writes) into ``directory``."""
-        from layerroute.store import atomic_write
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_weights(directory)
@@ -105,12 +104,7 @@ def load_policy(path: str | Path, executor: RouteExecutor) -> RoutingPolicy:
     if path.is_file() and path.suffix == ".json" and path.name != CONFIG_NAME:
         return StaticPolicy(Route.load(path, executor.fingerprint))
     config_path = path / CONFIG_NAME if path.is_dir() else path
-    if not config_path.is_file():
-        raise PolicyError(f"{path} is not a saved policy: {config_path.name} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"{config_path} is corrupt (not JSON: {exc})") from None
+    config = read_json(config_path, PolicyError, f"{path} is not a saved policy: {config_path.name} is missing")
     if not isinstance(config, dict) or config.get("type") not in POLICIES:
         kind = config.get("type") if isinstance(config, dict) else None
         raise PolicyError(f"{config_path}: unknown policy type {kind!r}; known: {', '.join(sorted(POLICIES))}")

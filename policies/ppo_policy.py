@@ -12,13 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from layerroute.envs.mdp import MDPSpec, ObsProjection, Progress, check_finite, observe, pool
-from layerroute.models import weights_digest
 from layerroute.route import Route
+from layerroute.store import check_weights_digest, read_safetensors
 
 from .base import PolicyError, RoutingPolicy, register_policy
 
@@ -114,17 +113,9 @@ class PPOPolicy(RoutingPolicy):
     @classmethod
     def from_config(cls, config, directory, executor):
         digest = config.get("weights_digest")
-        if digest and digest != weights_digest(executor.model):
-            raise PolicyError(f"{directory}: this policy was trained on another checkpoint of the same shape "
-                              f"(weights digest {digest}); it reads that model's hidden states, so it only works "
-                              f"on that checkpoint")
-        path = Path(directory) / WEIGHTS
-        if not path.is_file():
-            raise PolicyError(f"{directory} has no {WEIGHTS}: the policy's weights are missing")
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise PolicyError(f"{path} is corrupt (not a readable safetensors file: {exc})") from None
+        check_weights_digest(executor.model, digest, directory, PolicyError, "PPO policy")
+        tensors = read_safetensors(Path(directory) / WEIGHTS, PolicyError,
+                                   f"{directory} has no {WEIGHTS}: the policy's weights are missing")
         try:
             arch, obs = config["arch"], config["obs"]
             actor = ActorNet(int(arch["obs_dim"]), int(arch["num_layers"]), int(arch["num_actions"]),

@@ -34,6 +34,7 @@ from layerroute.budget import Budget
 from layerroute.errors import LayerRouteError
 from layerroute.executor import RouteExecutor, RouteKVCache, RoutedOutput
 from layerroute.route import ACTIONS, Route
+from layerroute.store import read_json
 
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "routers.safetensors"
@@ -108,12 +109,7 @@ class RouterConfig:
     @classmethod
     def load(cls, directory: str | Path) -> RouterConfig:
         path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise RouterError(f"{directory} holds no saved routers: {CONFIG_NAME} is missing")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RouterError(f"{path} is corrupt (not JSON: {exc})") from None
+        data = read_json(path, RouterError, f"{directory} holds no saved routers: {CONFIG_NAME} is missing")
         return cls.from_dict(data, str(path))
 
 

@@ -27,8 +27,9 @@ from torch import nn
 
 from layerroute.errors import FingerprintMismatchError
 from layerroute.executor import RouteExecutor
-from layerroute.models import ModelFingerprint, model_fingerprint, weights_digest
+from layerroute.models import ModelFingerprint, model_fingerprint
 from layerroute.route import Route
+from layerroute.store import check_weights_digest, read_safetensors
 from layerroute.policies.base import RoutingPolicy, register_policy
 
 from .network import CONFIG_NAME, WEIGHTS_NAME, RouterConfig, RouterError, RouterNetwork, route_prompts
@@ -41,9 +42,6 @@ def save_routers(directory: str | Path, net: RouterNetwork) -> Path:
 
 def load_routers(directory: str | Path, model: nn.Module) -> RouterNetwork:
     """Routers saved in ``directory``, checked against the frozen ``model`` (see the module docstring)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise RouterError(f"router directory {directory} does not exist")
@@ -52,21 +50,11 @@ def load_routers(directory: str | Path, model: nn.Module) -> RouterNetwork:
         ModelFingerprint.from_dict(config.model).check_matches(model_fingerprint(model), "router")
     except FingerprintMismatchError as exc:
         raise RouterError(f"{directory}: {exc}") from None
-    if config.weights_digest:
-        digest = weights_digest(model)
-        if digest != config.weights_digest:
-            raise RouterError(
-                f"{directory}: these routers were trained on another checkpoint of the same shape "
-                f"({config.base_model or 'unnamed'}, weights digest {config.weights_digest}); this model's weights "
-                f"digest is {digest}. Routers read the base model's hidden states, so they only work on the "
-                f"checkpoint they were trained on")
+    check_weights_digest(model, config.weights_digest, directory, RouterError,
+                         f"router ({config.base_model or 'unnamed base'})")
     path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        raise RouterError(f"{directory}: the router weights {WEIGHTS_NAME} are missing")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise RouterError(f"{path} is corrupt or truncated ({exc}); retrain or copy it again") from None
+    tensors = read_safetensors(path, RouterError,
+                               f"{directory}: the router weights {WEIGHTS_NAME} are missing")
     net = RouterNetwork(config)
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -28,28 +28,26 @@ from tqdm.auto import tqdm
 
 from layerroute.errors import LayerRouteError
 from layerroute.objective import Objective
+from layerroute.registry import Registry
 from layerroute.route import Route
 from layerroute.store import ResultsStore
 
-SEARCHERS: dict[str, type[Searcher]] = {}
 
 
 class SearchError(LayerRouteError, ValueError):
     """A searcher name or option that cannot work."""
 
 
+SEARCHERS = Registry("searcher", SearchError)
+
+
 def register_searcher(cls: type[Searcher]) -> type[Searcher]:
     """Class decorator: register ``cls`` under ``cls.name``; a name may be registered once."""
-    if cls.name in SEARCHERS:
-        raise SearchError(f"searcher {cls.name!r} is already registered (by {SEARCHERS[cls.name].__qualname__})")
-    SEARCHERS[cls.name] = cls
-    return cls
+    return SEARCHERS.add(cls.name, cls)
 
 
 def get_searcher(name: str) -> type[Searcher]:
-    if name not in SEARCHERS:
-        raise SearchError(f"unknown searcher {name!r}; choose from {', '.join(sorted(SEARCHERS))}")
-    return SEARCHERS[name]
+    return SEARCHERS.get_or_raise(name)
 
 
 def option(default, help: str, **kw):

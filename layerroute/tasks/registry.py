@@ -10,13 +10,14 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from ..registry import Registry
 from .base import Task, TaskError
 from .generated import SUBTASKS as GENERATED_SUBTASKS
 from .generated import load_generated
 from .loaders import load_aime2025, load_gpqa, load_gsm8k, load_hf, load_jsonl, load_mmlu
 from .suite import SUBTASKS, load_suite
 
-_FACTORIES: dict[str, Callable[..., Task]] = {}
+_FACTORIES: Registry = Registry("task", TaskError)  # name -> Callable[..., Task]
 _USAGE: dict[str, str] = {}
 
 
@@ -24,9 +25,7 @@ def register_task(name: str, factory: Callable[..., Task], usage: str = "") -> N
     """Register ``factory`` under ``name``; ``usage`` shows its spec forms in error messages."""
     if not name or ":" in name:
         raise TaskError(f"task name {name!r} must be non-empty and contain no ':'")
-    if name in _FACTORIES:
-        raise TaskError(f"task {name!r} is already registered (by {_FACTORIES[name].__qualname__})")
-    _FACTORIES[name] = factory
+    _FACTORIES.add(name, factory)
     _USAGE[name] = usage or name
 
 
