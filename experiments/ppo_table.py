@@ -45,8 +45,8 @@ def _layers(row: dict, num_layers: int) -> list | None:
 def write_outputs(rows: list[dict], curve: list[dict], line: dict | None, train: dict, args) -> None:
     """The markdown table and the learning-curve PNG, from whatever has finished."""
     lines = [f"# PPO routing policy on {args.model}, task `{args.task}` (test split, seed {args.seed})", "",
-             f"PPO: mode {args.mode}, lambda {args.lam}, reward margin, trained on {args.train_limit} search-split "
-             f"samples; {train.get('timesteps', '?')} environment steps in {train.get('wall_s', '?')} s "
+             f"PPO: mode {args.mode}, lambda {args.lam}, budget {args.budget or 'none'}, reward margin, trained on "
+             f"{args.train_limit} search-split samples; {train.get('timesteps', '?')} environment steps in {train.get('wall_s', '?')} s "
              f"({train.get('threads', '?')} torch thread(s), CPU). Static baselines and the Optuna route are "
              f"chosen on {args.calib_limit} search-split samples at the PPO policy's measured compute. "
              f"Test: the first {args.test_limit} test-split examples" +
@@ -103,6 +103,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", default="per_sample", choices=["per_sample", "cola"])
     ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--budget", default=None, help="hard budget of the PPO episodes: a share (0.8) or a block count")
     ap.add_argument("--timesteps", type=int, default=8192)
     ap.add_argument("--n-envs", type=int, default=16)
     ap.add_argument("--n-steps", type=int, default=32)
@@ -135,8 +136,10 @@ def main(argv=None) -> None:
 
     # 1. PPO on the search split (resumes from run/train)
     venv = LayerRoutingVecEnv(args.n_envs, ex, tok, task, mode=args.mode, lam=args.lam, limit=args.train_limit,
-                              seed=args.seed)
+                              seed=args.seed, budget=args.budget)
     settings = {k: getattr(args, k) for k in ("mode", "lam", "n_envs", "n_steps", "train_limit")}
+    if args.budget is not None:  # (absent from older stores' settings, which stay valid)
+        settings["budget"] = args.budget
     with ResultsStore(run / "train", {"kind": "train-ppo", "settings": settings, "split": "search", **base}) as st:
         _, policy = train_ppo(venv, st, args.timesteps, seed=args.seed, n_steps=args.n_steps, batch_size=256,
                               progress=False)
