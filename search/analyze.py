@@ -47,6 +47,9 @@ def analyze(records: list[dict], num_layers: int) -> dict:
            "mean_best_blocks": sum(r["blocks"] for r in records) / n,
            "mean_blocks_saved": sum(L - r["blocks"] for r in records) / n,
            "mean_best_reward": sum(r["reward"] for r in records) / n}
+    out["mean_best_margin"] = sum(r["margin"] for r in records) / n
+    out["mean_identity_margin"] = sum(r["identity"]["margin"] for r in records) / n
+    out["share_margin_improved"] = sum(r["margin"] > r["identity"]["margin"] for r in records) / n
     ids = [r["identity"]["reward"] for r in records if r["identity"]["reward"] is not None]
     out["mean_identity_reward"] = sum(ids) / len(ids) if ids else None
     out["share_reward_improved"] = (sum(r["reward"] > r["identity"]["reward"] for r in records
@@ -107,8 +110,10 @@ def report(store, output=None) -> str:
     rows = ["# MCTS analysis (ORACLE: the search read each sample's label; upper bounds, not results)", "",
             f"Store: `{store}`; task {header.get('task')}, split {header.get('split')}, seed {header.get('seed')}, "
             f"space {settings.get('space')}, {settings.get('simulations')} simulations, reward "
-            f"{settings.get('reward', 'margin')}, lambda {settings.get('lam', settings.get('lambda', 0))}; "
-            f"{n} samples, L = {L}.", "",
+            f"{settings.get('reward', 'margin')}, lambda {settings.get('lam', settings.get('lambda', 0))}, budget "
+            f"{settings.get('budget') or 'none'}; {n} samples, L = {L}."
+            + (" Under a budget below L the identity route is not allowed (its reward is n/a) and every scored "
+               "route is shorter than it; margins compare them." if settings.get("budget") else ""), "",
             "| figure | value | n |", "|---|---|---|"]
     if a["has_correct"]:
         rows += [f"| ORACLE: originally correct samples with a shorter route that stays correct (CoLa: >75%) | "
@@ -123,7 +128,11 @@ def report(store, output=None) -> str:
              f"| mean reward: best (ORACLE) / identity | {_fmt(a['mean_best_reward'])} / "
              f"{_fmt(a['mean_identity_reward'])} | {n} |",
              f"| share of samples whose best reward beats the identity route's | "
-             f"{_fmt(a['share_reward_improved'], True)} | {n} |", "",
+             f"{_fmt(a['share_reward_improved'], True)} | {n} |",
+             f"| mean margin: best (ORACLE) / identity | {_fmt(a['mean_best_margin'])} / "
+             f"{_fmt(a['mean_identity_margin'])} | {n} |",
+             f"| share of samples whose best route's margin beats the identity route's | "
+             f"{_share(a['share_margin_improved'], n)} | {n} |", "",
              "Per-layer actions of the best routes: `actions.png`; rewards: `rewards.png`.", ""]
     text = "\n".join(rows)
 
@@ -138,11 +147,12 @@ def report(store, output=None) -> str:
     fig.savefig(out / "actions.png", dpi=100)
     plt.close(fig)
 
-    best = [r["reward"] for r in records]
-    ident = [r["identity"]["reward"] for r in records if r["identity"]["reward"] is not None]
+    field = "reward" if all(r["identity"]["reward"] is not None for r in records) else "margin"
+    best = [r[field] for r in records]
+    ident = [r["identity"][field] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist([best, ident], bins=30, label=["best route (ORACLE)", "identity route"])
-    ax.set_xlabel("reward")
+    ax.set_xlabel(field)
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()

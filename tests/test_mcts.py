@@ -137,8 +137,8 @@ def test_cli_resumes_refuses_other_settings_and_analyzes(tiny_dir, tmp_path, cap
 
 def _rec(identity_correct, shortest, best_layers, reward=1.0, id_reward=0.5):
     return {"key": str(len(best_layers)) + str(shortest), "layers": best_layers, "blocks": len(best_layers),
-            "reward": reward, "correct": shortest is not None,
-            "identity": {"reward": id_reward, "correct": identity_correct, "blocks": 4},
+            "reward": reward, "margin": reward, "correct": shortest is not None,
+            "identity": {"reward": id_reward, "margin": 0.5, "correct": identity_correct, "blocks": 4},
             "shortest_correct_blocks": shortest, "num_layers": 4}
 
 
@@ -150,6 +150,9 @@ def test_analyze_figures_by_hand(tmp_path):
     assert a["share_wrong_made_correct"] == pytest.approx(1 / 2)
     assert a["mean_blocks_saved"] == pytest.approx((1 + 0 + 0 - 1 + 0) / 5)
     assert a["share_reward_improved"] == pytest.approx(3 / 5)
+    assert a["share_margin_improved"] == pytest.approx(3 / 5) and a["mean_identity_margin"] == pytest.approx(0.5)
+    budgeted = analyze([_rec(True, 3, [0, 1, 3], id_reward=None), _rec(False, None, [0, 1, 2], 0.25, None)], 4)
+    assert budgeted["mean_identity_reward"] is None and budgeted["share_margin_improved"] == pytest.approx(1 / 2)
     assert a["action_frequencies"]["skip"][2] == pytest.approx(1 / 5)
     assert a["action_frequencies"]["repeat"][0] == pytest.approx(1 / 5)
     assert a["action_frequencies"]["execute"][3] == pytest.approx(1.0)
