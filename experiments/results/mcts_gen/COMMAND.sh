@@ -1,7 +1,8 @@
-# Started 2026-11-30 05:32 UTC in the background (resumable store); stopped at 06:48 UTC after 20 samples and analyzed (see NOTES.md).
-# (A first start at 05:12 with --simulations 64 --lockstep 8 was stopped at 05:32 before its first group of 8
-#  finished: the shared 2-core machine gave it ~10% of a core.)
+# MCTS labels and the analyze report on 500 search-split samples of `gen` (ORACLE: MCTS reads the labels).
+# Budget 0.8 (24 of 30 blocks), margin reward, lambda 0: the same settings as the pipeline's router labels.
+# Two Ray workers, one torch thread each (2-core machine).
 OMP_NUM_THREADS=1 nohup .venv/bin/layerroute search mcts --task gen --split search --limit 500 \
-    --simulations 32 --space drllm --lambda 1.0 --lockstep 4 \
+    --simulations 16 --space drllm --budget 0.8 --lambda 0 --lockstep 8 --workers 2 \
     --output experiments/results/mcts_gen > experiments/results/mcts_gen/run.log 2>&1 &
+# then:
 .venv/bin/layerroute analyze experiments/results/mcts_gen
