@@ -1,6 +1,6 @@
 """Routers against the full model, static routes and Optuna at equal compute, and the MCTS oracle.
 
-    python -m layerroute.experiments.router_table [--labels experiments/results/router_labels_gen] \
+    python -m layerroute.experiments.router_table [--labels experiments/results/mcts_gen] \
         [--unseen suite:capitals,suite:opposites] [--test-limit 50]
 
 1. Trains routers on the label store(s) (MCTS routes of the trained task's search split) twice:
@@ -91,7 +91,7 @@ def oracle(ex, tok, task, args, label_settings, seed) -> tuple[list[dict], list]
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--labels", nargs="+", default=[str(RESULTS / "router_labels_gen")])
+    ap.add_argument("--labels", nargs="+", default=[str(RESULTS / "mcts_gen")])
     ap.add_argument("--unseen", default="suite:capitals,suite:opposites")
     ap.add_argument("--test-limit", type=int, default=50)
     ap.add_argument("--calib-limit", type=int, default=12)
