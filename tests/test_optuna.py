@@ -18,7 +18,7 @@ from .test_objective import choice_task, tiny, tok  # noqa: F401  (fixtures)
 
 @pytest.fixture(scope="module")
 def obj(tiny, tok):  # noqa: F811
-    return Objective(tiny, tok, choice_task("cloze", n=4), budget=0.6, batch_rows=8)  # 3 blocks, 2 chunks
+    return Objective(tiny, tok, choice_task("cloze", n=4), budget=0.6, batch_rows=2)  # 3 blocks, 2 chunks
 
 
 def _run(obj, path, seed=0, **config):
@@ -83,7 +83,7 @@ def test_study_resumes_from_its_storage(obj, tmp_path):
 def test_a_storage_with_another_studys_settings_is_refused(obj, tiny, tok, tmp_path):  # noqa: F811
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     _run(obj, tmp_path / "a", trials=2, storage=storage, study_name="s")
-    other = Objective(tiny, tok, choice_task("cloze", n=4), budget=0.8, batch_rows=8)
+    other = Objective(tiny, tok, choice_task("cloze", n=4), budget=0.8, batch_rows=2)
     with pytest.raises(SearchError, match=r"holds another study's settings \(max_blocks: stored 3, now 4\)"):
         _run(other, tmp_path / "b", trials=2, storage=storage, study_name="s")
     with pytest.raises(SearchError, match="space: stored 'skip', now 'actions'"):
