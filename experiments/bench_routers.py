@@ -9,7 +9,8 @@ tokens (EOS ignored, so every run decodes the same count), interleaved, medians 
 * **full**: the executor along the identity route (within 2% of HF ``generate``, see
   ``bench_executor``);
 * **routed**: ``RoutedModel.generate``, which walks the prompt once to let the routers decide
-  and then generates along the chosen routes (the routing walk is included);
+  (that walk is the prefill: it fills the routes' KV cache) and then decodes along the chosen
+  routes;
 * **same routes, no routing**: the executor along those routes, given in advance, to separate
   the routers' cost from the blocks'.
 
@@ -86,8 +87,10 @@ def main(argv=None) -> None:
                      f"{realized / ideal_fixed:.2f} |")
         print(lines[-1], flush=True)
         atomic_write(args.out, "\n".join(lines) + "\n")
-    lines += ["", f"Fixed per-token cost c = {c / b:.1f} blocks (fitted at batch 8). The routed run prefills the prompt "
-              "twice (once to decide, once inside generate), which is the gap between 'routed' and 'same routes'."]
+    lines += ["", f"Fixed per-token cost c = {c / b:.1f} blocks (fitted at batch 8). The routing walk is the prefill: "
+              "generate continues from the KV cache the walk filled, so 'routed' minus 'same routes' is the routers' "
+              "own cost (window means and router MLPs at each block). 'Routing walk alone' is that prefill with "
+              "the routers."]
     atomic_write(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
