@@ -10,8 +10,9 @@
    Optuna route at ``k = round(mean router blocks)`` (calibrated on that task's search split);
    and an MCTS ORACLE on the first ``--oracle-limit`` test samples (it reads their labels: an
    upper bound, not a result), with the routers' per-layer agreement with its routes.
-3. Router overhead: the routers' evaluation wall time against a static route with the same
-   block count (``drop_last`` at k), both measured in this process.
+3. Router overhead: the routers' prefill walk against a plain prefill along the routes they
+   chose, timed back to back (medians) on 16 test prompts (evaluation wall times are not
+   compared: other jobs change them).
 
 Rows are written to ``experiments/results/router_table.md`` / ``.json`` as they finish, so a
 killed run keeps what it did. Run with ``OMP_NUM_THREADS=1`` beside other work.
@@ -68,6 +69,18 @@ class Table:
         atomic_write(self.out.with_suffix(".md"), "\n".join(lines) + "\n")
         atomic_write(self.out.with_suffix(".json"), json.dumps({"meta": self.meta, "rows": self.rows}, indent=2,
                                                                sort_keys=True, default=str) + "\n")
+
+
+def routing_overhead(net, ex, tok, task, examples) -> tuple[float, float]:
+    """Median seconds of the routers' prefill walk and of a plain prefill along the routes it chose
+    (last-position logits), on one batch of ``examples``, timed back to back."""
+    from layerroute.experiments.bench_executor import _median_times
+
+    _, ids, mask = next(prompt_batches(ex, tok, task, examples, len(examples)))
+    routes, _ = route_prompts(net, ex, ids, mask)
+    t = _median_times({"walk": lambda: route_prompts(net, ex, ids, mask),
+                       "plain": lambda: ex(ids, mask, routes, logits_to_keep=1)}, 5, warmup=1)
+    return t["walk"], t["plain"]
 
 
 def router_actions(net, ex, tok, task, examples) -> torch.Tensor:
@@ -154,18 +167,15 @@ def main(argv=None) -> None:
                       note="time includes the routing walk")
         k = max(1, round(blocks["routers (+ on-policy refinement)"]))
         cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
-        static_seconds = {}
         for b in args.baselines.split(","):
             r = evaluate(ex, tok, test, BASELINES[b](cal, k, args.seed), **ev)
-            static_seconds[b] = r.seconds
             table.add(name, f"static {b} at {k} blocks", r.accuracy, r.n, r.mean_blocks, seconds=r.seconds,
                       note=f"calibrated on {len(cal)} search-split samples")
-        ref = min(static_seconds.values())
-        for method in nets:
-            routed = next(r["seconds"] for r in table.rows if r["task"] == name and r["method"] == method)
-            table.add(name, f"{method}: overhead", seconds=routed - ref,
-                      note=f"wall time minus the fastest static route at {k} blocks: "
-                           f"{100 * (routed / ref - 1):+.0f}%")
+        for method, net in nets.items():
+            walk, plain = routing_overhead(net, ex, tok, task, test.examples[:16])
+            table.add(name, f"{method}: overhead", seconds=walk - plain,
+                      note=f"routing walk {walk:.3f} s against a prefill along the same routes {plain:.3f} s "
+                           f"({100 * (walk / plain - 1):+.0f}%), 16 test prompts, medians of 5, back to back")
         obj = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, budget=k)
         cls = get_searcher("optuna")
         searcher = cls(obj, cls.Config(trials=args.optuna_trials), seed=args.seed)
