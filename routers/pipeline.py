@@ -137,7 +137,7 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--task", default="suite", help="task to search, train and test on (default: the generated suite)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", default="0.8", help="compute budget of search and routers: a share or a block count")
-    p.add_argument("--search-limit", type=int, default=64, help="search-split samples searched with MCTS")
+    p.add_argument("--search-limit", type=int, default=24, help="search-split samples searched with MCTS")
     p.add_argument("--simulations", type=int, default=16, help="MCTS simulations per sample")
     p.add_argument("--epochs", type=int, default=30, help="router training epochs (early stopping on validation)")
     p.add_argument("--refine-epochs", type=int, default=5, help="on-policy refinement epochs (0: none)")
