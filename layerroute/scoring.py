@@ -113,7 +113,7 @@ def _letter(executor, tokenizer, task, examples, prompts, routes):
     return preds, gold_nll, [len(s) + 1 for s in seqs], [""] * len(examples)
 
 
-def _cloze(executor, tokenizer, task, examples, prompts, routes, chat=True):
+def _cloze(executor, tokenizer, task, examples, routes, chat=True):
     """Every option as a continuation (packed behind one prompt, see ``Objective``); the lowest
     summed NLL wins (the first on ties); the gold option's NLL per token."""
     from .objective import Objective
@@ -153,17 +153,16 @@ def _generate(executor, tokenizer, task, examples, prompts, routes):
 def score_batch(executor: RouteExecutor, tokenizer, task, examples, routes: list[Route],
                 chat: bool = True) -> list[SampleScore]:
     """Score ``examples`` along their ``routes`` (one per example) in one padded batch."""
-    prompts = task_prompts(tokenizer, task, examples, chat)
-    if task.kind == "loglik":  # no accuracy: the NLL is the score
-        gold_nll, tokens = gold_nll_per_token(executor, tokenizer, task, examples, prompts, routes)
-        preds, texts = [f"{x:.4f}" for x in gold_nll], [""] * len(examples)
-        correct = [None] * len(examples)
+    if task.kind == "choice" and task.choice_scoring == "cloze":  # the Objective renders and packs the prompts
+        preds, gold_nll, tokens, texts = _cloze(executor, tokenizer, task, examples, routes, chat)
     else:
-        if task.kind == "choice" and task.choice_scoring == "cloze":
-            preds, gold_nll, tokens, texts = _cloze(executor, tokenizer, task, examples, prompts, routes, chat)
+        prompts = task_prompts(tokenizer, task, examples, chat)
+        if task.kind == "loglik":  # no accuracy: the NLL is the score
+            gold_nll, tokens = gold_nll_per_token(executor, tokenizer, task, examples, prompts, routes)
+            preds, texts = [f"{x:.4f}" for x in gold_nll], [""] * len(examples)
         else:
             scorer = _generate if task.kind == "generate" else _letter
             preds, gold_nll, tokens, texts = scorer(executor, tokenizer, task, examples, prompts, routes)
-        correct = [p == ex.answer for p, ex in zip(preds, examples)]
+    correct = [None if task.kind == "loglik" else p == ex.answer for p, ex in zip(preds, examples)]
     return [SampleScore(ex.uid, c, p, ex.answer, nll, r.cost, t, o)
             for ex, c, p, nll, r, t, o in zip(examples, correct, preds, gold_nll, routes, tokens, texts)]
