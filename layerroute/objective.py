@@ -19,6 +19,12 @@ The reward of a route on a sample (``Scores.reward``)::
     correct            1.0 or 0.0 (choice tasks; generate tasks decode greedily)
     - lambda * blocks / L                 compute penalty
     -inf if blocks > budget               the optional hard budget
+
+**Null labels** (``null_seed``, choice tasks only): the same objective with each sample's label
+replaced by a seeded random *wrong* option (``null_option``). A search run against null labels
+measures how far chance alone takes an oracle: its figure is the chance level that every oracle
+figure is reported beside. ``gold_index`` always holds the real answers; ``target_index`` the
+labels that margins and ``correct`` are computed against.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from .errors import LayerRouteError
 from .executor import RouteExecutor, RouteState
 from .route import Route
 from .scoring import encode_texts, gold_continuation, join_continuations, left_pad, task_prompts
-from .tasks.base import LETTERS
+from .tasks.base import LETTERS, stable_rng
 
 REWARDS = ("margin", "correct")
 
@@ -88,7 +94,7 @@ class Objective:
 
     def __init__(self, executor: RouteExecutor, tokenizer, task, examples=None, *, reward: str = "margin",
                  lam: float = 0.0, budget: Budget | str | float | None = None, chat: bool = True,
-                 batch_rows: int = 64, pack: bool = True):
+                 batch_rows: int = 64, pack: bool = True, null_seed: int | None = None):
         if reward not in REWARDS:
             raise ObjectiveError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
@@ -96,6 +102,9 @@ class Objective:
         if reward == "correct" and task.kind == "loglik":
             raise ObjectiveError(f"task {task.name} is a log-likelihood task with no notion of correct; "
                                  f"use reward='margin'")
+        if null_seed is not None and task.kind != "choice":
+            raise ObjectiveError(f"null labels need a task with options; task {task.name} is a {task.kind} task, "
+                                 f"so it has no wrong option to use as a null label")
         if not isinstance(batch_rows, int) or batch_rows < 1:
             raise ObjectiveError(f"batch_rows must be a positive integer, got {batch_rows!r}")
         self.executor, self.tokenizer, self.task = executor, tokenizer, task
@@ -103,6 +112,7 @@ class Objective:
         if not self.examples:
             raise ObjectiveError(f"task {task.name} has no examples to score")
         self.reward_kind, self.lam, self.chat, self.batch_rows = reward, float(lam), chat, batch_rows
+        self.null_seed = null_seed
         self.budget = Budget.parse(budget)
         L = executor.num_layers
         self.max_blocks = self.budget.max_blocks(L) if self.budget else None
@@ -170,6 +180,8 @@ class Objective:
         # the gold option (choice tasks: among the letters or the cloze rows), else the one row
         self.gold_index = torch.tensor([LETTERS.index(ex.answer) if task.kind == "choice" else 0
                                         for ex in self.examples])
+        self.target_index = self.gold_index if self.null_seed is None else torch.tensor(
+            [null_option(ex, self.null_seed) for ex in self.examples])
         self.first_row = torch.tensor([0] + torch.bincount(self.owner, minlength=len(self.examples)).cumsum(0)
                                       .tolist()[:-1])
         self.num_rows = torch.bincount(self.owner, minlength=len(self.examples))
@@ -242,28 +254,35 @@ class Objective:
 
     def _scores(self, samples, rows, logits, blocks) -> Scores:
         logp = torch.log_softmax(logits, dim=-1)
-        local_gold = self.gold_index[torch.tensor(samples)]
+        target = self.target_index[torch.tensor(samples)].tolist()
+        if self.task.kind == "choice":  # the scorer's rule: the highest log-likelihood, first on ties
+            options = self._option_logliks(samples, rows, logp)
+            margin = torch.stack([_margin(lp, t) for lp, t in zip(options, target)])
+            correct = [int(lp.argmax()) == t for lp, t in zip(options, target)]
+        else:  # minus the gold NLL per token
+            margin = torch.stack([part[0] / n[0] for part, n in self._continuation_logliks(samples, rows, logp)])
+            correct = [False] * len(samples)
+        return self.reward_of(margin.cpu(), torch.tensor(correct, dtype=torch.bool), blocks)
+
+    def _option_logliks(self, samples, rows, logp) -> list[torch.Tensor]:
+        """Per sample of a choice task: the log-likelihood of each option under the task's scoring."""
         if self.letter_ids is not None:  # one row per sample: letters at the last position
             lp = logp[:, -1][:, self.letter_ids]  # [N, letters]
-            margins, correct = [], []
-            for j, i in enumerate(samples):
-                k = len(self.examples[i].choices)
-                margins.append(_margin(lp[j, :k], int(local_gold[j])))
-                correct.append(int(lp[j, :k].argmax()) == int(local_gold[j]))
-            margin = torch.stack(margins)
-        else:
-            margins, correct = [], []
-            for j, (part, n) in enumerate(self._continuation_logliks(samples, rows, logp)):
-                g = int(local_gold[j])
-                if self.task.kind == "choice":
-                    margins.append(_margin(part, g))
-                    correct.append(int((-part).argmin()) == g)  # the scorer's rule: lowest NLL, first on ties
-                else:
-                    margins.append(part[g] / n[g])  # minus the gold NLL per token
-                    correct.append(False)
-            margin = torch.stack(margins)
-        correct = torch.tensor(correct, dtype=torch.bool)
-        return self.reward_of(margin.cpu(), correct, blocks)
+            return [lp[j, :len(self.examples[i].choices)] for j, i in enumerate(samples)]
+        return [part for part, _ in self._continuation_logliks(samples, rows, logp)]
+
+    def option_logliks(self, prefix: PrefixState) -> torch.Tensor:
+        """[N, K] log-likelihood of each option of the routes that end at ``prefix`` (choice tasks;
+        -inf beyond a sample's options): one forward gives the margin against any label."""
+        if self.task.kind != "choice":
+            raise ObjectiveError(f"task {self.task.name} is a {self.task.kind} task: it has no options")
+        logits = self.executor.finish(prefix.state, self.keep).float()
+        rows = self.rows_of(prefix.samples)
+        options = self._option_logliks(prefix.samples, rows, torch.log_softmax(logits, dim=-1))
+        out = torch.full((len(options), max(len(o) for o in options)), -math.inf)
+        for j, o in enumerate(options):
+            out[j, :len(o)] = o.cpu()
+        return out
 
     def _continuation_logliks(self, samples, rows, logp) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sample: the summed log-likelihood of each continuation (cloze: each option) and its tokens."""
@@ -384,6 +403,13 @@ def _packing_is_exact(obj: Objective, samples: int = 4) -> bool:
                           f"separate rows (margins {a.tolist()} against {b.tolist()}); scoring each option in its "
                           f"own row instead (slower)", stacklevel=3)
     return ex._packing_exact
+
+
+def null_option(example, seed: int) -> int:
+    """A seeded random wrong option of a choice ``example`` (never its answer): its null label."""
+    gold = LETTERS.index(example.answer)
+    wrong = [k for k in range(len(example.choices)) if k != gold]
+    return wrong[stable_rng(f"null:{seed}:{example.uid}").randrange(len(wrong))]
 
 
 def _margin(lp: torch.Tensor, gold: int) -> torch.Tensor:
