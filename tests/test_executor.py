@@ -48,6 +48,60 @@ def test_identity_route_matches_hf_forward(family):
     assert (ex(ids[:1]).logits - ref).abs().max().item() <= 1e-5
 
 
+def hf_chain_logits(model, ids, mask, chain):
+    """The independent reference for any route: HF's own forward with ``model.model.layers``
+    replaced by the chain's blocks, in order, repeats included (a repeated block is the same
+    module listed twice, so HF runs it once per pass), and no cache.
+
+    HF's loop picks each layer's mask and rotary table by ``config.layer_types[i]``, the
+    position in the list (Qwen2/3, Gemma2/3), so those are replaced too, by each block's own
+    type; every other family keys its masks on nothing per layer (Mistral and Phi3 have one
+    window for all) and the window a layer uses is fixed in its module. With the cache off,
+    ``self_attn.layer_idx`` is never read, so a replaced list is a faithful reference."""
+    inner, config = model.model, model.config
+    saved = inner.layers, config.num_hidden_layers, getattr(config, "layer_types", None)
+    inner.layers = torch.nn.ModuleList([saved[0][i] for i in chain])
+    config.num_hidden_layers = len(chain)
+    if saved[2] is not None:
+        config.layer_types = [saved[2][i] for i in chain]
+    try:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    finally:
+        inner.layers, config.num_hidden_layers = saved[0], saved[1]
+        if saved[2] is not None:
+            config.layer_types = saved[2]
+
+
+# Blocks 0..4: skip, reorder, repeat, and reordered repeats longer than the model.
+REFERENCE_CHAINS = [(0, 2, 4), (1, 0, 3, 2, 4), (4, 1), (0, 1, 1, 2, 3, 3, 3, 4), (4, 0, 0, 2, 1, 3, 3)]
+# Gemma3's tiny default makes every layer sliding; mix in global layers (another rotary table).
+REFERENCE_OVERRIDES = {"gemma3": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                                   "sliding_attention", "full_attention"])}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gemma3", "granite"])
+def test_routes_equal_hf_with_its_layer_list_replaced_by_the_chain(family):
+    """Each sample of a left-padded batch follows its own route; its real positions equal HF's
+    forward along that chain (``hf_chain_logits``), within the identity test's tolerance.
+    Families: plain (llama), per-layer windows (qwen2, gemma2 eager), one window (mistral),
+    per-layer rotary tables (gemma3), scalings outside the layers (granite)."""
+    model = tiny_model(family, **REFERENCE_OVERRIDES.get(family, {}))
+    ex = RouteExecutor(model)
+    lengths = [11, 6, 11, 8, 3]  # sliding windows of 5 or 6 are shorter than most prompts
+    ids, mask = padded_batch(model.config.vocab_size, lengths, 11, seed=8)
+    out = ex(ids, mask, [Route(c, ex.fingerprint) for c in REFERENCE_CHAINS]).logits
+    identity, checked = hf_logits(model, ids, mask), 0
+    for b, chain in enumerate(REFERENCE_CHAINS):
+        ref, real = hf_chain_logits(model, ids, mask, chain)[b], mask[b].bool()
+        assert_logits_close(out[b, real], ref[real])
+        scale = max(1.0, ref[real].abs().max().item())
+        assert (ref[real] - identity[b, real]).abs().max() > 1e-4 * scale  # the route matters: 10x the tolerance
+        checked += 1
+    assert checked == len(REFERENCE_CHAINS) == 5
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2", "gemma3"])
 def test_mixed_routes_with_left_padding_equal_each_sample_alone(family):
     model = tiny_model(family)
