@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--task", default="gen")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--simulations", type=int, default=50)
-    p.add_argument("--space", default="drllm")
+    p.add_argument("--space", default="edit")
     p.add_argument("--leaves-per-sample", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_mcts.md"))

@@ -237,12 +237,13 @@ class Objective:
         state = self.executor.begin(self.ids[rows].to(dev), self.mask[rows].to(dev), segments=segments)
         return PrefixState(samples, state, [0] * len(samples), self.num_rows[samples].tolist())
 
-    def advance(self, prefix: PrefixState, chains: Sequence[Sequence[int]]) -> PrefixState:
-        """Run one chain of blocks per sample of ``prefix`` (chains may be empty)."""
+    def advance(self, prefix: PrefixState, chains: Sequence[Sequence[int]], record: list | None = None) -> PrefixState:
+        """Run one chain of blocks per sample of ``prefix`` (chains may be empty). ``record``, a list
+        of per-row lists, collects each row's hidden state after each of its blocks."""
         if len(chains) != len(prefix.samples):
             raise ObjectiveError(f"got {len(chains)} chains for {len(prefix.samples)} samples")
         row_chains = [tuple(c) for c, n in zip(chains, prefix.sizes) for _ in range(n)]
-        state = self.executor.advance(prefix.state, row_chains)
+        state = self.executor.advance(prefix.state, row_chains, record=record)
         return PrefixState(prefix.samples, state, [b + len(c) for b, c in zip(prefix.blocks, chains)],
                            prefix.sizes)
 

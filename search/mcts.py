@@ -1,34 +1,52 @@
 """Per-sample Monte Carlo tree search over routes, the label known (an ORACLE: labels, upper bounds).
 
-Two action spaces (``--space``):
+Three action spaces (``--space``):
 
-* ``drllm`` (Dr.LLM): one action per layer, in order: skip, execute or repeat (two passes).
-  The tree has depth L.
+* ``edit`` (Dr.LLM's search, the default): the root is the full route; a child is its parent's
+  route with one edit: skip 1 or 2 consecutive entries at any position, or repeat one entry once.
+  A node at depth d is d edits from the full route, so routes stay close to it; routes are at
+  most 2L long. Selection descends by UCB minus a length penalty
+  (mean + c * sqrt(ln N / n) - ``--length-penalty`` * length / L), or with probability
+  ``--random-child`` to a random child; a node with untried edits expands one of them (in a
+  seeded random order; edits that give the same route count once). Dr.LLM's own code
+  descends to a leaf before expanding, which makes its tree a single chain of edits; here every
+  node keeps expanding, so the full route's single edits are tried first. Two early stops (Dr.LLM's):
+  a route beats the full route (reward ``correct``: it is correct where the full route is not;
+  reward ``margin``: its margin gain exceeds ``--beat-margin`` nats), or a correct route at least
+  ``--stop-shorter`` blocks shorter than the full route is found. The record's ``label`` is
+  Dr.LLM's label: the shortest correct route (ties: fewer distinct blocks, then the higher reward).
+* ``sequential``: one action per layer, in order: skip, execute or repeat (two passes); the
+  tree has depth L. (This was called ``drllm`` before; Dr.LLM's search is ``edit``.)
 * ``cola`` (CoLa): the next block to run (any block, each at most ``--max-count`` times) or
   stop; routes are at most ``--max-length`` blocks (default L + 4). ``--macros`` adds CoLa's
   macro actions at the in-order position p: skip k blocks (p += k) and repeat the last k
   blocks r more times, k, r in 1..4 (offered only where every block stays within
   ``--max-count``).
 
-Every simulation selects a node by UCT (mean reward + c * sqrt(ln N_parent / N); with
-probability ``--random-child`` a random existing child instead), expands one untried action
-(in a seeded random order) and evaluates one route: the node's chain of blocks completed by
-**executing the remaining layers in order** (from the node's in-order position to L - 1).
-Under a budget (``objective.max_blocks``) actions that do not fit are not offered, and the
-completion drops the remaining layers that do not fit evenly spread over the middle layers
-(the first and last tenth are kept where possible, as in the ``unified`` baseline), so every
-evaluated route is within the budget. The identity route is scored before the search (its reward
-is -inf, stored as null, when it exceeds the budget), so the best route is never worse.
+In ``sequential`` and ``cola`` every simulation selects a node by UCT (mean reward + c *
+sqrt(ln N_parent / N); with probability ``--random-child`` a random existing child instead),
+expands one untried action (in a seeded random order) and evaluates one route: the node's chain
+of blocks completed by **executing the remaining layers in order** (from the node's in-order
+position to L - 1). Under a budget (``objective.max_blocks``) actions that do not fit are not
+offered, and the completion drops the remaining layers that do not fit evenly spread over the
+middle layers (the first and last tenth are kept where possible, as in the ``unified``
+baseline), so every evaluated route is within the budget. The ``edit`` space starts from the
+full route, so it takes no hard budget below L (use ``--lambda``). The identity route is scored
+before the search (its reward is -inf, stored as null, when it exceeds the budget), so the best
+route is never worse.
 
-Cost: the reward is the objective's (margin by default, minus lambda * blocks / L). A node's
-hidden state (``objective.begin`` / ``advance``) is computed once and reused by every route
-below it, in an LRU cache capped at ``--cache-mb`` (peak bytes reported); a route already
-scored is not scored again. Many samples run in lockstep: each wave selects
-``--leaves-per-sample`` leaves per sample (virtual loss keeps them apart), advances all their
-states in one batched call (chunked by ``--batch-rows``) and finishes them in one call.
-``--naive`` re-runs every simulation's route from the embeddings, one at a time, with no cache
-of states or of scored routes, for reference: it makes the same tree decisions, so it finds the
-same routes (up to float noise between batch shapes).
+Cost: the reward is the objective's (margin by default, minus lambda * blocks / L). A state
+along a route (``objective.begin`` / ``advance``) is computed once and reused by every route
+that starts with the same blocks, in an LRU cache capped at ``--cache-mb`` (peak bytes
+reported); a route already scored is not scored again. In the ``edit`` space the full route's
+state after every block is kept, and every scored route keeps its state every
+``--checkpoint-every`` blocks, so an edit first changing position p costs about the blocks
+after p. Many samples run in lockstep: each wave selects ``--leaves-per-sample`` leaves per
+sample (virtual loss keeps them apart), advances all their states in one batched call (chunked
+by ``--batch-rows``) and finishes them in one call. ``--naive`` re-runs every simulation's route
+from the embeddings, one at a time, with no cache of states or of scored routes, for
+reference: it makes the same tree decisions, so it finds the same routes (up to float noise
+between batch shapes).
 
 Each sample's tree and random stream depend only on (seed, sample uid), never on the other
 samples of the call, so a sample's record is the same however the samples are grouped.
@@ -49,15 +67,15 @@ from layerroute.tasks.base import stable_rng
 
 from .base import SearchConfig, SearchError, Searcher, option, register_searcher
 
-SPACES = ("drllm", "cola")
+SPACES = ("edit", "sequential", "cola")
 STOP = ("stop",)
 
 
 @dataclass
 class MCTSConfig(SearchConfig):
     simulations: int = option(200, "simulations (evaluated routes) per sample")
-    space: str = option("drllm", "action space: drllm (skip/execute/repeat per layer) or cola (next block or stop)",
-                        choices=SPACES)
+    space: str = option("edit", "action space: edit (Dr.LLM: edits of the full route), sequential "
+                        "(skip/execute/repeat per layer, in order) or cola (next block or stop)", choices=SPACES)
     uct: float = option(1.8, "UCT exploration constant c")
     random_child: float = option(0.1, "chance of descending to a random existing child instead of the UCT best")
     max_length: int = option(0, "cola: most blocks in a route (0: L + 4)")
@@ -67,6 +85,12 @@ class MCTSConfig(SearchConfig):
     lockstep: int = option(16, "samples searched together in one batched wave")
     cache_mb: float = option(1024.0, "memory cap of the prefix-state cache (LRU), in MiB")
     top_routes: int = option(5, "best routes stored per sample")
+    length_penalty: float = option(3.0, "edit: UCB minus this x route length / L (Dr.LLM: 3.0)")
+    beat_margin: float = option(1.0, "edit, reward margin: stop once a route's margin gain over the full route "
+                                "exceeds this many nats (a negative value: never)")
+    stop_shorter: int = option(2, "edit: stop once a correct route this many blocks shorter than the full route is "
+                               "found (0: never)")
+    checkpoint_every: int = option(3, "edit: keep a scored route's state every N blocks for the edits below it")
     naive: bool = option(False, "reference mode: score every route from the embeddings, one at a time, no cache")
 
     def validate(self) -> None:
@@ -79,7 +103,12 @@ class MCTSConfig(SearchConfig):
                   (self.leaves_per_sample >= 1, f"--leaves-per-sample must be at least 1, got {self.leaves_per_sample}"),
                   (self.lockstep >= 1, f"--lockstep must be at least 1, got {self.lockstep}"),
                   (self.cache_mb >= 0, f"--cache-mb must be >= 0, got {self.cache_mb}"),
-                  (self.top_routes >= 1, f"--top-routes must be at least 1, got {self.top_routes}")]
+                  (self.top_routes >= 1, f"--top-routes must be at least 1, got {self.top_routes}"),
+                  (math.isfinite(self.length_penalty) and self.length_penalty >= 0,
+                   f"--length-penalty must be a number >= 0, got {self.length_penalty}"),
+                  (math.isfinite(self.beat_margin), f"--beat-margin must be a finite number, got {self.beat_margin}"),
+                  (self.stop_shorter >= 0, f"--stop-shorter must be >= 0 (0: never), got {self.stop_shorter}"),
+                  (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")]
         for ok, msg in checks:
             if not ok:
                 raise SearchError(msg)
@@ -112,7 +141,7 @@ class Tree:
     def actions(self, node: Node) -> list:
         s, chain, pos = self.s, node.chain, node.pos
         room = s.cap - len(chain)
-        if s.config.space == "drllm":
+        if s.config.space == "sequential":
             acts = [("skip",), ("execute",), ("repeat",)]
             cost = {"skip": 0, "execute": 1, "repeat": 2}
             acts = [a for a in acts if cost[a[0]] <= room]
@@ -138,7 +167,7 @@ class Tree:
     def child(self, node: Node, act) -> Node:
         s, chain, pos = self.s, node.chain, node.pos
         kind = act[0]
-        if s.config.space == "drllm":
+        if s.config.space == "sequential":
             chain = chain + (pos,) * {"skip": 0, "execute": 1, "repeat": 2}[kind]
             return Node(chain, pos + 1, pos + 1 == s.L)
         if kind == "stop":
@@ -203,6 +232,79 @@ class Tree:
         self.scored[chain] = (reward, margin, correct)
 
 
+class EditTree(Tree):
+    """One sample's tree in the ``edit`` space: a node's chain is a whole route, the root the full one."""
+
+    def __init__(self, searcher: MCTS, index: int, uid: str):
+        super().__init__(searcher, index, uid)
+        self.root = Node(tuple(range(searcher.L)), 0, False)
+        self.identity: tuple[float, float, bool] | None = None  # (reward, margin, correct) of the full route
+        self.stopped: str | None = None  # the early stop that ended the search, if any
+
+    def actions(self, node: Node) -> list:
+        """The distinct routes one edit away: skip 1 or 2 consecutive entries, or repeat one entry once."""
+        r, out = node.chain, {}
+        for i in range(len(r)):
+            for k in (1, 2):
+                if i + k <= len(r) and len(r) - k >= 1:
+                    out.setdefault(r[:i] + r[i + k:], None)
+            if len(r) + 1 <= self.s.cap:
+                out.setdefault(r[:i + 1] + r[i:], None)
+        out.pop(r, None)
+        return list(out)
+
+    def child(self, node: Node, act) -> Node:
+        return Node(act, 0, False)
+
+    def route(self, node: Node) -> tuple[int, ...]:
+        return node.chain
+
+    def select(self) -> tuple[list[Node], tuple[int, ...], float]:
+        """Descend by UCB minus the length penalty (or to a random child) until a node with an untried
+        edit, expand it; return the path, its route and the virtual loss (see ``Tree.select``)."""
+        c, node, path = self.s.config, self.root, [self.root]
+        while True:
+            if node.untried is None:
+                node.untried = self.actions(node)
+                self.rng.shuffle(node.untried)
+            if node.untried:
+                act = node.untried.pop()
+                node.children[act] = self.child(node, act)
+                path.append(node.children[act])
+                break
+            if not node.children:
+                break
+            kids = list(node.children.values())
+            if self.rng.random() < c.random_child:
+                node = kids[self.rng.randrange(len(kids))]
+            else:
+                ln = math.log(max(node.n, 1))
+                node = max(kids, key=lambda k: (k.w / k.n + c.uct * math.sqrt(ln / k.n)
+                                                - c.length_penalty * len(k.chain) / self.s.L) if k.n else math.inf)
+            path.append(node)
+        for v in path:
+            v.n += 1
+            v.w += self.floor
+        return path, path[-1].chain, self.floor
+
+    def record(self, chain, reward: float, margin: float, correct: bool) -> None:
+        super().record(chain, reward, margin, correct)
+        s = self.s
+        if self.identity is None:  # the full route, scored first
+            self.identity = (reward, margin, correct)
+            self.root.n, self.root.w = 1, reward
+            return
+        has, (_, id_margin, id_correct) = s.objective.has_correct, self.identity
+        if s.objective.reward_kind == "correct":
+            beats = has and correct and not id_correct
+        else:
+            beats = s.config.beat_margin >= 0 and margin - id_margin > s.config.beat_margin
+        if beats:
+            self.stopped = "beats the full route"
+        elif has and correct and s.config.stop_shorter and len(chain) <= s.L - s.config.stop_shorter:
+            self.stopped = f"a correct route {s.L - len(chain)} blocks shorter"
+
+
 @register_searcher
 class MCTS(Searcher):
     """Per-sample Monte Carlo tree search over routes (Dr.LLM or CoLa space); an ORACLE: it reads labels."""
@@ -221,6 +323,10 @@ class MCTS(Searcher):
         self.cap = min(length, objective.max_blocks) if objective.max_blocks is not None else length
         if self.cap < 1:
             raise SearchError(f"the budget allows {objective.max_blocks} blocks: no route fits")
+        if c.space == "edit" and self.cap < self.L:
+            raise SearchError(f"--space edit searches edits of the full route ({self.L} blocks), so a hard budget of "
+                              f"{objective.max_blocks} blocks does not fit it; penalise compute with --lambda, or "
+                              f"use --space sequential or cola")
         self._index = {ex.uid: i for i, ex in enumerate(objective.examples)}
 
     # ---- driver ---------------------------------------------------------------------------------
@@ -235,19 +341,24 @@ class MCTS(Searcher):
     def _search_group(self, keys):
         t0 = time.perf_counter()
         obj = self.objective
-        trees = [Tree(self, self._index[k], k) for k in keys]
+        edit = self.config.space == "edit"
+        trees = [(EditTree if edit else Tree)(self, self._index[k], k) for k in keys]
         tokens = obj.tokens([t.index for t in trees]).tolist()
-        evaluator = _NaiveEvaluator if self.config.naive or not self._reusable() else _PrefixEvaluator
+        evaluator = (_NaiveEvaluator if self.config.naive or not self._reusable() else
+                     _EditEvaluator if edit else _PrefixEvaluator)
         ev = evaluator(self, dict(zip((t.index for t in trees), tokens)))
         identity = tuple(range(self.L))
         id_scores = ev.evaluate([(t, (), identity) for t in trees])
         for t, scores in zip(trees, id_scores):
             if scores[0] > -math.inf:
                 t.record(identity, *scores)
-        while any(t.done < self.config.simulations for t in trees):
+        def pending(t):
+            return 0 if getattr(t, "stopped", None) else self.config.simulations - t.done
+
+        while any(pending(t) > 0 for t in trees):
             wave = []  # (tree, path, route, virtual loss)
             for t in trees:
-                for _ in range(min(self.config.leaves_per_sample, self.config.simulations - t.done)):
+                for _ in range(min(self.config.leaves_per_sample, pending(t))):
                     wave.append((t, *t.select()))
             todo, seen = [], set()  # routes to score (naive: all; else new ones, once): (tree, leaf chain, route)
             for t, path, route, _ in wave:
@@ -272,6 +383,8 @@ class MCTS(Searcher):
         best, (reward, margin, correct) = ranked[0]
         correct_blocks = [len(ch) for ch, v in t.scored.items() if v[2]]
         has = self.objective.has_correct
+        label = min((ch for ch, v in t.scored.items() if v[2]), default=None,
+                    key=lambda ch: (len(ch), len(set(ch)), -t.scored[ch][0], ch)) if has else None
         return {
             "key": t.uid, "layers": list(best), "blocks": len(best), "reward": reward, "margin": margin,
             "correct": bool(correct) if has else None,
@@ -280,6 +393,8 @@ class MCTS(Searcher):
             "shortest_correct_blocks": min(correct_blocks) if has and correct_blocks else None,
             "top": [{"layers": list(ch), "reward": v[0], "correct": bool(v[2]) if has else None}
                     for ch, v in ranked[: self.config.top_routes]],
+            "label": None if label is None else {"layers": list(label), "margin": t.scored[label][1]},
+            "stopped": getattr(t, "stopped", None),
             "space": self.config.space, "num_layers": self.L, "simulations": t.done, "routes_scored": len(t.scored),
             "block_executions": ev.execs[t.index], "peak_cache_bytes": ev.peak, "seconds": seconds,
         }
@@ -368,6 +483,34 @@ class _PrefixEvaluator(_NaiveEvaluator):
                 self.execs[t.index] += (len(route) - k) * self.tokens[t.index]
                 lo += n
             state = obj.advance(state, [route[len(leaf):] for _, leaf, route in chunk])
+            sc = obj.finish(state)
+            out += [(float(r), float(m), bool(c)) for r, m, c in zip(sc.reward, sc.margin, sc.correct)]
+        self.peak = max(self.peak, self.bytes)
+        return out
+
+
+class _EditEvaluator(_PrefixEvaluator):
+    """Prefix reuse for the ``edit`` space: each route starts from the deepest cached state along it;
+    the full route keeps its state after every block, every other scored route every
+    ``--checkpoint-every`` blocks, so the edits below a node start where they first change it."""
+
+    def evaluate(self, items):
+        obj, out, step = self.obj, [], self.s.config.checkpoint_every
+        identity = tuple(range(self.s.L))
+        for chunk in _chunks(items, obj):
+            starts, done = zip(*(self._state(t.index, route) for t, _, route in chunk))
+            record = [[] for _ in range(sum(p.sizes[0] for p in starts))]
+            state = obj.advance(PrefixState.concat(starts), [route[k:] for (_, _, route), k in zip(chunk, done)],
+                                record=record)
+            lo = 0
+            for (t, _, route), k, n in zip(chunk, done, state.sizes):
+                every = 1 if route == identity else step
+                for q in range(k + 1, len(route)):
+                    if q % every == 0:
+                        self._put(t.index, route[:q], torch.stack([record[r][q - k - 1] for r in range(lo, lo + n)]))
+                self.execs[t.index] += (len(route) - k) * self.tokens[t.index]
+                lo += n
+            del record
             sc = obj.finish(state)
             out += [(float(r), float(m), bool(c)) for r, m, c in zip(sc.reward, sc.margin, sc.correct)]
         self.peak = max(self.peak, self.bytes)

@@ -9,12 +9,14 @@ from layerroute.cli import main
 from layerroute.objective import Objective
 from layerroute.search import SearchError
 from layerroute.search.analyze import AnalyzeError, analyze, report
-from layerroute.search.mcts import MCTS, MCTSConfig
+from layerroute.search.mcts import MCTS, EditTree, MCTSConfig, Node
 from layerroute.store import read_store
 
 from .test_objective import choice_task, tiny, tok  # noqa: F401  (fixtures)
 
-SPACES = [dict(space="drllm"), dict(space="cola"), dict(space="cola", macros=True, max_count=3)]
+NO_STOP = dict(beat_margin=-1.0, stop_shorter=0)  # the edit space's early stops off: every simulation runs
+SPACES = [dict(space="edit", **NO_STOP), dict(space="sequential"), dict(space="cola"),
+          dict(space="cola", macros=True, max_count=3)]
 
 
 def _run(obj, seed=0, keys=None, **cfg):
@@ -48,11 +50,11 @@ def test_never_worse_than_identity_and_prefix_reuse_equals_naive(tiny, tok, cfg)
     ratio = sum(r["block_executions"] for r in fast) / sum(r["block_executions"] for r in naive)
     assert ratio < 1
     assert all(r["peak_cache_bytes"] > 0 for r in fast)
-    if cfg["space"] == "drllm":
+    if cfg["space"] == "sequential":
         assert all(r["layers"] == sorted(r["layers"]) for r in fast)  # in order
 
 
-@pytest.mark.parametrize("cfg", SPACES)
+@pytest.mark.parametrize("cfg", SPACES[1:])
 def test_budgets_and_length_bounds_hold(tiny, tok, cfg):  # noqa: F811
     obj = Objective(tiny, tok, choice_task("letter", n=4), budget=0.6)  # at most 3 of 5 blocks
     for r in _run(obj, **cfg, simulations=20):
@@ -77,7 +79,8 @@ def test_seeded_lockstep_leaves_and_cache_cap_do_not_change_results(tiny, tok): 
     _same(ref[::-1], _run(obj, seed=3, keys=keys[::-1]))  # the order of the keys does not matter
     wide = _run(obj, seed=3, leaves_per_sample=4)
     _same(wide, _run(obj, seed=3, leaves_per_sample=4, naive=True))  # virtual loss: same in both modes
-    assert all(r["simulations"] == 16 and r["reward"] >= r["identity"]["reward"] for r in wide)
+    assert all(r["simulations"] == 16 or (r["simulations"] < 16 and r["stopped"]) for r in wide)
+    assert all(r["reward"] >= r["identity"]["reward"] for r in wide)
 
 
 @pytest.mark.parametrize("field,value,msg", [("simulations", 0, "--simulations must be at least 1, got 0"),
@@ -100,7 +103,7 @@ def test_cli_resumes_refuses_other_settings_and_analyzes(tiny_dir, tmp_path, cap
     out = tmp_path / "m"
     assert main(_mcts_args(tiny_dir, out)) == 0
     header, records = read_store(out)
-    assert header["kind"] == "search:mcts" and header["settings"]["space"] == "drllm"
+    assert header["kind"] == "search:mcts" and header["settings"]["space"] == "edit"
     samples = [r for r in records if "identity" in r]
     assert len(samples) == 5 and records[-1]["type"] == "summary" and records[-1]["oracle"] is True
     # a run killed after two samples (and in the middle of a line) resumes with the rest, same results
@@ -163,3 +166,58 @@ def test_analyze_figures_by_hand(tmp_path):
         report(path)
     path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in recs))
     assert "33.3%" in report(path) and (tmp_path / "actions.png").is_file()
+
+
+def test_edit_actions_are_the_single_edits_of_the_route(tiny, tok):  # noqa: F811
+    obj = Objective(tiny, tok, choice_task("letter", n=2))
+    tree = EditTree(MCTS(obj, MCTSConfig()), 0, obj.examples[0].uid)
+    L = obj.num_layers
+    r = (0, 1, 1, 3)
+    acts = tree.actions(Node(r, 0, False))
+    expected = {r[:i] + r[i + 1:] for i in range(4)} | {r[:i] + r[i + 2:] for i in range(3)}
+    expected |= {r[:i + 1] + r[i:] for i in range(4)}
+    assert len(acts) == len(set(acts)) and set(acts) == expected - {r}
+    assert (0, 1, 3) in acts and (0, 1, 1, 1, 3) in acts  # skipping either 1 (or repeating either) counts once
+    assert tree.root.chain == tuple(range(L))  # the root is the full route
+    long = tuple(range(L)) * 2  # 2L: no repeat fits any more
+    assert all(len(a) < len(long) for a in tree.actions(Node(long, 0, False)))
+    assert tree.actions(Node((3,), 0, False)) == [(3, 3)]  # a route keeps at least one block
+
+
+def test_edit_early_stops_follow_their_definitions(tiny, tok):  # noqa: F811
+    obj = Objective(tiny, tok, choice_task("letter", n=2))
+    L = obj.num_layers
+    s = MCTS(obj, MCTSConfig(beat_margin=1.0, stop_shorter=2))
+    t = EditTree(s, 0, obj.examples[0].uid)
+    t.record(tuple(range(L)), -0.5, -0.5, False)  # the full route: wrong
+    t.record((0, 1, 2, 4), 0.4, 0.4, True)  # correct, 1 block shorter, gain 0.9 nats: no stop
+    assert t.stopped is None
+    t.record((0, 0, 1, 2, 3, 4), 0.6, 0.6, True)  # gain 1.1 > 1.0: beats the full route
+    assert t.stopped == "beats the full route"
+    t = EditTree(s, 0, obj.examples[0].uid)
+    t.record(tuple(range(L)), 2.0, 2.0, True)
+    t.record((0, 1, 4), 0.1, 0.1, True)  # correct and 2 blocks shorter
+    assert t.stopped == "a correct route 2 blocks shorter"
+    t = EditTree(MCTS(Objective(tiny, tok, choice_task("letter", n=2), reward="correct"), MCTSConfig()), 0, "x")
+    t.record(tuple(range(L)), 0.0, 3.0, False)
+    t.record((0, 1, 2, 3, 4, 4), 1.0, -0.1, True)  # reward correct: beats = correct where the full route is not
+    assert t.stopped == "beats the full route"
+    # in a real search: a stopped sample ran fewer simulations, prefix reuse still equals naive
+    obj = Objective(tiny, tok, choice_task("cloze", n=4))
+    fast = _run(obj, simulations=40, beat_margin=0.0, lockstep=4)
+    _same(fast, _run(obj, simulations=40, beat_margin=0.0, naive=True))
+    stopped = [r for r in fast if r["stopped"] == "beats the full route"]
+    assert stopped and all(r["simulations"] < 40 and r["margin"] > r["identity"]["margin"] for r in stopped)
+
+
+def test_edit_label_is_the_shortest_correct_route_and_budgets_are_refused(tiny, tok):  # noqa: F811
+    obj = Objective(tiny, tok, choice_task("cloze", n=4))
+    for r in _run(obj, simulations=30, **NO_STOP):
+        correct = [t for t in r["top"] if t["correct"]]
+        if r["label"] is None:
+            assert not correct and r["shortest_correct_blocks"] is None
+        else:
+            assert len(r["label"]["layers"]) == r["shortest_correct_blocks"]
+            assert all(len(t["layers"]) >= len(r["label"]["layers"]) for t in correct)
+    with pytest.raises(SearchError, match="does not fit it"):
+        MCTS(Objective(tiny, tok, choice_task("letter", n=2), budget=0.8), MCTSConfig(space="edit"))
