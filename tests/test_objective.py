@@ -38,19 +38,51 @@ def routes_for(ex, n):
     return [ex.route(specs[i % len(specs)]) for i in range(n)]
 
 
+def ref_logprobs(ex, ids, route):
+    """The reference: log-softmax of one unpadded row's logits along ``route`` [T, V]."""
+    return torch.log_softmax(ex(torch.tensor([ids]), routes=route).logits[0].double(), dim=-1)
+
+
+def ref_continuation(ex, tok, prompt, continuation, route):
+    """The reference: summed log-prob of ``continuation``'s tokens after ``prompt``, and their count."""
+    p = tok(prompt, add_special_tokens=False).input_ids
+    full = tok(prompt + continuation, add_special_tokens=False).input_ids
+    assert full[:len(p)] == p and len(full) > len(p)  # the prompt's tokens are a prefix
+    lp = ref_logprobs(ex, full, route)
+    return float(sum(lp[t - 1, full[t]] for t in range(len(p), len(full)))), len(full) - len(p)
+
+
+def ref_choice_scores(ex, tok, task, example, prompt, route):
+    """Per option: the log-prob of its letter as the next token (letter), or of its text (cloze)."""
+    if task.choice_scoring == "letter":
+        lp = ref_logprobs(ex, tok(prompt, add_special_tokens=False).input_ids, route)[-1]
+        letter_ids = [tok(" " + x, add_special_tokens=False).input_ids for x in "ABCD"[:len(example.choices)]]
+        assert all(len(t) == 1 for t in letter_ids)
+        return [float(lp[t[0]]) for t in letter_ids], [1] * len(letter_ids)
+    return tuple(zip(*(ref_continuation(ex, tok, prompt, " " + c, route) for c in example.choices)))
+
+
 @pytest.mark.parametrize("scoring", ["letter", "cloze"])
 def test_batched_objective_equals_one_at_a_time_scoring(tiny, tok, scoring):
+    """Batched, packed scores of mixed routes against log-softmax sums over one unpadded row each."""
     task = choice_task(scoring)
     obj = Objective(tiny, tok, task, batch_rows=7)
     routes = routes_for(tiny, len(task))
     batched = obj.score(range(len(task)), routes)
+    prompts = task_prompts(tok, task, task.examples)
+    checked = 0
     for i, (ex, r) in enumerate(zip(task.examples, routes)):
-        alone = Objective(tiny, tok, task, [ex]).score([0], [r])
-        assert float(alone.margin[0]) == pytest.approx(float(batched.margin[i]), abs=1e-4)
+        lls, lens = ref_choice_scores(tiny, tok, task, ex, prompts[i], r)
+        g = "ABCD".index(ex.answer)
+        margin = lls[g] - max(x for j, x in enumerate(lls) if j != g)
+        assert float(batched.margin[i]) == pytest.approx(margin, abs=1e-4)
+        assert bool(batched.correct[i]) == (max(range(len(lls)), key=lls.__getitem__) == g)
         ref = score_batch(tiny, tok, task, [ex], [r])[0]
-        assert bool(batched.correct[i]) == ref.correct
-        assert (float(batched.margin[i]) > 0) == ref.correct
+        assert ref.gold_nll == pytest.approx(-lls[g] / lens[g], abs=1e-4)
+        assert bool(batched.correct[i]) == ref.correct == (float(batched.margin[i]) > 0)
         assert int(batched.blocks[i]) == r.cost
+        checked += 1
+    assert checked == len(task) == 10
     assert 0 < int(batched.correct.sum()) < len(task)  # the test sees both outcomes
 
 
@@ -100,13 +132,30 @@ def test_a_model_that_cannot_pack_scores_separate_rows(tok, monkeypatch):
 
 
 def test_generate_margin_is_minus_gold_nll_and_correct_decodes(tiny, tok):
+    """Margins against the gold answer's log-softmax sum; correctness against a greedy loop,
+    one unpadded row at a time, both written here."""
+    from layerroute.tasks.extract import last_number
+
     exs = [Example(f"g/{i}", f"What is {i} plus {i}?", str(2 * i)) for i in range(4)]
     task = Task("gen", "generate", exs, max_new_tokens=4, extract="last_number")
-    scores = Objective(tiny, tok, task).score(range(4), [tiny.route()] * 4)
-    ref = score_batch(tiny, tok, task, exs, [tiny.route()] * 4)
-    assert scores.margin.tolist() == pytest.approx([-s.gold_nll for s in ref], abs=1e-4)
-    by_decoding = Objective(tiny, tok, task, reward="correct").score(range(4), [tiny.route()] * 4)
-    assert by_decoding.correct.tolist() == [bool(s.correct) for s in ref]
+    routes = routes_for(tiny, 4)
+    scores = Objective(tiny, tok, task).score(range(4), routes)
+    by_decoding = Objective(tiny, tok, task, reward="correct").score(range(4), routes)
+    ref = score_batch(tiny, tok, task, exs, routes)
+    texts, answers = [], []
+    for i, (ex, prompt) in enumerate(zip(exs, task_prompts(tok, task, exs))):
+        ll, n = ref_continuation(tiny, tok, prompt, " " + ex.answer, routes[i])
+        assert float(scores.margin[i]) == pytest.approx(ll / n, abs=1e-4) == -ref[i].gold_nll
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        for _ in range(task.max_new_tokens):
+            nxt = int(ref_logprobs(tiny, ids, routes[i])[-1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+        texts.append(tok.decode(ids[len(tok(prompt, add_special_tokens=False).input_ids):], skip_special_tokens=True))
+        answers.append(last_number(texts[-1]) or "")
+        assert bool(by_decoding.correct[i]) == (answers[-1] == ex.answer) == ref[i].correct
+    assert len(texts) == 4 and [s.output for s in ref] == texts and [s.prediction for s in ref] == answers
 
 
 def test_prefix_reuse_equals_full_routes(tiny, tok):
