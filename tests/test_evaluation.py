@@ -162,10 +162,38 @@ def test_baselines_choose_sensible_blocks(tiny, tok):
     first = max(rewards, key=rewards.get)
     second = {i: obj.mean_reward(tiny.route(f"skip:{first},{i}")) for i in range(5) if i != first}
     assert greedy_order(obj, 3) == [first, max(second, key=second.get)]
-    h = last_token_states(obj)
-    assert h.shape[0] == 6
-    dist = [float(torch.arccos(torch.cosine_similarity(h[s], h[s + 2], -1).clamp(-1, 1)).mean()) for s in range(4)]
-    best = min(range(4), key=dist.__getitem__)
+
+
+def test_similarity_drops_the_run_whose_states_hf_finds_most_alike(tok):
+    """The reference is HF's own forward: hooks take each block's input and output at the prompt's
+    last token, one unpadded prompt at a time, and the angle between states is written out here.
+    Block 4 is scaled up so that the run at the end is not the most alike (else any formula that
+    prefers late blocks would pass)."""
+    model = tiny_model("llama", vocab_size=len(tok))
+    with torch.no_grad():
+        model.model.layers[4].mlp.down_proj.weight.mul_(5.0)
+    obj = Objective(RouteExecutor(model), tok, choice_task("cloze"), list(choice_task("cloze").examples)[:4])
+    assert last_token_states(obj).shape == (6, 4, 64)
+    states = []
+    hooks = [block.register_forward_pre_hook(lambda m, args, kw: states.append(args[0] if args else
+                                                                               kw["hidden_states"]), with_kwargs=True)
+             for block in model.model.layers]
+    hooks.append(model.model.layers[-1].register_forward_hook(lambda m, args, out: states.append(out)))
+    angles = torch.zeros(4, dtype=torch.float64)  # dropping blocks s, s+1: the angle between h[s] and h[s+2]
+    try:
+        for prompt in obj.prompts:
+            states.clear()
+            with torch.no_grad():
+                model(input_ids=torch.tensor([tok(prompt, add_special_tokens=False).input_ids]), use_cache=False)
+            h = [x[0, -1].double() for x in states]
+            assert len(h) == 6
+            for s in range(4):
+                angles[s] += math.acos(max(-1.0, min(1.0, float(h[s] @ h[s + 2] / (h[s].norm() * h[s + 2].norm())))))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    best, second = angles.argsort()[:2].tolist()
+    assert best != 3 and angles[second] - angles[best] > 1e-2  # a clear choice, not the last run
     assert set(range(5)) - set(baseline_route("similarity", obj, 0.6).layers) == {best, best + 1}
 
 
