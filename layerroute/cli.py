@@ -211,15 +211,15 @@ def _each(check):
 
 # dest -> check, for every subcommand that has the argument (None values are not checked)
 CHECKS = {
-    **dict.fromkeys(("batch_size", "limit", "max_new_tokens", "calib_limit", "batch_rows", "timesteps", "n_envs",
-                     "n_steps", "workers", "obs_dim", "search_limit", "test_limit", "simulations", "trials",
+    **dict.fromkeys(("batch_size", "limit", "max_new_tokens", "calib_limit", "val_limit", "batch_rows", "timesteps",
+                     "n_envs", "n_steps", "workers", "obs_dim", "search_limit", "test_limit", "simulations", "trials",
                      "epochs", "patience", "bottleneck", "windows"), positive_int),
     "refine_epochs": nonneg_int,
     "temperature": positive_float, "lr": positive_float, "lam": nonneg_float,
     "top_p": ratio, "val_share": open_ratio, "budgets": ratio_list, "budget": budget,
     "fields": key_value_pairs, "output": output_dir, "device": device, "dtype": dtype, "model": model_name,
     "route": route_arg, "prompt": nonempty, "task": nonempty, "baseline": baseline_names,
-    "baselines": baseline_names, "router": existing_path, "policy": existing_path, "labels": _each(existing_path),
+    "baselines": baseline_names, "router": existing_path, "policy": existing_path, "labels": _each(existing_path), "null_store": existing_path,
 }
 COMMAND_CHECKS = {"eval": {"budget": ratio}}  # eval's --budget is the share a --baseline may run
 _FLAGS = {"lam": "--lambda"}
@@ -253,7 +253,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF id, model directory or .gguf file")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (checked against what torch sees)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 
@@ -320,9 +320,16 @@ def cmd_run(args) -> int:
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task name (see `layerroute tasks`), jsonl:PATH or hf:NAME[:CONFIG]:SPLIT")
-    p.add_argument("--fields", default=None, help="for jsonl:/hf: tasks, e.g. question=q,answer=a,choices=options")
-    p.add_argument("--kind", default=None, choices=["choice", "generate", "loglik"], help="for jsonl:/hf: tasks")
+    p.add_argument("--task", required=True, help="task name (see `layerroute tasks`), jsonl:PATH, csv:PATH, "
+                   "parquet:PATH or hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument("--fields", default=None, help="for data-file and hf: tasks, e.g. question=q,answer=a,choices=options "
+                   "or choices=answer_a|answer_b|answer_c|answer_d (several columns); the answer may be a letter, "
+                   "a 0-based index or the option text")
+    p.add_argument("--kind", default=None, choices=["choice", "generate", "loglik"],
+                   help="for data-file and hf: tasks (default: choice when --fields maps choices, else generate)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip data-file rows with a missing field, an unmatched answer or too few choices (and say "
+                        "how many), instead of stopping at the first")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits (and generated suites)")
     p.add_argument("--limit", type=int, default=None, help="score at most N examples of the split")
     p.add_argument("--batch-size", type=int, default=8)
@@ -336,6 +343,8 @@ def _task_options(args) -> dict:
         options["fields"] = dict(kv.split("=", 1) for kv in args.fields.split(","))
     if args.kind:
         options["kind"] = args.kind
+    if getattr(args, "skip_bad_rows", False):
+        options["skip_bad_rows"] = True
     return options
 
 
@@ -408,7 +417,7 @@ def cmd_baselines(args) -> int:
               "split": "test", "seed": args.seed}
     with ResultsStore(out, header, overwrite=args.overwrite) as store:
         rows = run_baselines(ex, tok, task, budgets, names, limit=args.limit, calib_limit=args.calib_limit,
-                             seed=args.seed, batch_size=args.batch_size, store=store)
+                             val_limit=args.val_limit, seed=args.seed, batch_size=args.batch_size, store=store)
         table = format_table(rows)
         print(table)
         plot_curves(rows, store.path.parent / "baselines.png", f"{args.model} on {args.task} (test split)")
@@ -433,6 +442,9 @@ def cmd_search(args) -> int:
     config = config_from_args(cls.Config, args)
     Budget.parse(args.budget)  # refuse a bad budget before loading anything
     task = _task(args)
+    if args.null and task.kind != "choice":
+        raise InputError(f"--null replaces each label with a random wrong option, but task {task.name} is a "
+                         f"{task.kind} task without options")
     on_ray = args.workers is not None or bool(args.ray_address)
     if on_ray:
         check_ray_args(args.workers, args.ray_address)
@@ -440,13 +452,18 @@ def cmd_search(args) -> int:
     spec = SearchSpec(searcher=cls.name, task=args.task, config=asdict(config), task_options=_task_options(args),
                       model=args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                       split=args.split, limit=args.limit, seed=args.seed,
-                      objective=dict(reward=args.reward, lam=args.lam, budget=args.budget, batch_rows=args.batch_rows))
+                      objective=dict(reward=args.reward, lam=args.lam, budget=args.budget, batch_rows=args.batch_rows,
+                                     null_seed=args.seed if args.null else None))
     searcher = spec.build(task)
     obj, ex = searcher.objective, searcher.objective.executor
     common = {k: v for k, v in _identity(args).items() if k not in spec.config}  # the searcher's own options:
     header = {"kind": f"search:{cls.name}", "settings": {**common, **searcher.settings()},  # as settings() says
-              "model": ex.fingerprint.to_dict(), "task": task.name, "split": args.split, "seed": args.seed}
-    if cls.oracle:
+              "model": ex.fingerprint.to_dict(), "task": task.name, "split": args.split, "seed": args.seed,
+              "labels": "null" if args.null else "gold"}
+    if args.null:
+        print(f"note: --null: every label is a seeded random wrong option; the results are the chance level of "
+              f"{cls.name}'s figures, never results", file=sys.stderr)
+    elif cls.oracle:
         print(f"note: {cls.name} reads the labels of the samples it routes; its rewards are an oracle upper bound",
               file=sys.stderr)
     out = args.output or f"runs/search-{cls.name}-{args.task.replace(':', '-').replace('/', '-')}"
@@ -501,7 +518,7 @@ def cmd_analyze(args) -> int:
 
     from layerroute.search.analyze import report
 
-    print(report(args.store, args.output))
+    print(report(args.store, args.output, args.null_store))
     out = args.output or (args.store if Path(args.store).is_dir() else Path(args.store).parent)
     print(f"wrote {Path(out) / 'analyze.md'}, actions.png and rewards.png")
     return 0
@@ -548,7 +565,17 @@ def cmd_demo(args) -> int:
     return cmd_baselines(args)
 
 
+def cmd_lm_eval(args) -> int:
+    """``layerroute lm-eval ARGS``: lm-eval's own command line, with ``--model layerroute`` registered."""
+    from .harness import run_lm_eval
+
+    rest = args.lm_eval_args
+    return run_lm_eval(rest[1:] if rest[:1] == ["--"] else rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from layerroute.search.baselines import CALIB_LIMIT, VAL_LIMIT
+
     parser = _Parser(prog="layerroute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -582,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--router", dest="policy", default=None,
                        help="a trained router directory (from train-router or pipeline); same as --policy DIR")
     p.add_argument("--budget", type=float, default=0.8, help="share of blocks a --baseline may run")
-    p.add_argument("--calib-limit", type=int, default=32, help="calibration examples for --baseline")
+    p.add_argument("--calib-limit", type=int, default=CALIB_LIMIT, help="search-split examples a --baseline is "
+                   "fitted on")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("baselines", help="every static baseline at several budgets: table and PNG")
@@ -590,7 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(p)
     p.add_argument("--budgets", default="1.0,0.9,0.8,0.7")
     p.add_argument("--baselines", default=None, help="comma-separated subset (default: all)")
-    p.add_argument("--calib-limit", type=int, default=32, help="calibration examples from the search split")
+    p.add_argument("--calib-limit", type=int, default=CALIB_LIMIT, help="search-split examples each baseline is "
+                   "fitted on")
+    p.add_argument("--val-limit", type=int, default=VAL_LIMIT, help="validation-split examples that choose the best "
+                   "static route per budget (and Optuna's route among its top trials)")
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("search", help="find routes with a registered searcher (see `layerroute search -h`)")
@@ -613,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--workers", type=int, default=None,
                        help="spread the units over N Ray actors on a local Ray (one torch thread, or GPU, each)")
         q.add_argument("--ray-address", default=None, help="join the Ray cluster at HOST:PORT instead")
+        q.add_argument("--null", action="store_true",
+                       help="search against null labels (a seeded random wrong option per sample, choice tasks): the "
+                            "chance level that an oracle's figures are read against")
         add_config_arguments(q, cls.Config)
         q.set_defaults(func=cmd_search)
 
@@ -638,8 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="list the task specs --task accepts")
     p.set_defaults(func=cmd_tasks)
 
-    p = sub.add_parser("analyze", help="oracle figures of an MCTS store: shorter routes, fixed samples, action heatmap")
+    p = sub.add_parser("analyze", help="oracle figures of an MCTS store beside their chance level (its --null search)")
     p.add_argument("store", help="an MCTS results store (folder or results.jsonl)")
+    p.add_argument("--null", dest="null_store", default=None,
+                   help="the same search run with --null (default: the folder STORE-null beside STORE)")
     p.add_argument("--output", default=None, help="folder for analyze.md and the PNGs (default: the store's folder)")
     p.set_defaults(func=cmd_analyze)
 
@@ -662,10 +698,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="1.0,0.9,0.8,0.7")
     p.add_argument("--limit", type=int, default=40, help="test examples per evaluation (kept small for a demo)")
     p.add_argument("--calib-limit", type=int, default=16)
+    p.add_argument("--val-limit", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("lm-eval", add_help=False,
+                       help="lm-evaluation-harness with --model layerroute registered; every argument goes to lm-eval")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
     return parser
 
 
@@ -681,6 +723,9 @@ def _missing_dirs(path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """Run a command. A user error (a bad argument, an unreadable file, an unsupported model) ends
     in one ``error:`` line and exit status 2; ``--debug`` adds the traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, flags included
+        argv = ["lm-eval", "--", *argv[1:]]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0), or a usage error already printed on one line (2)
@@ -691,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         _validate(args)
         return args.func(args)
     except (LayerRouteError, OSError, KeyboardInterrupt) as exc:
-        if isinstance(exc, OSError) and not exc.filename:
+        plain_os = isinstance(exc, OSError) and not isinstance(exc, LayerRouteError)  # (ModelNotFoundError is both)
+        if plain_os and not exc.filename:
             raise  # not a file the user named: a bug, shown with its traceback
         if args.debug:
             import traceback
@@ -703,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
-        if isinstance(exc, OSError):
+        if plain_os:
             print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         else:
             print(f"error: {exc}", file=sys.stderr)

@@ -394,7 +394,8 @@ def _packing_is_exact(obj: Objective, samples: int = 4) -> bool:
         import warnings
 
         n = min(samples, len(obj))
-        plain = Objective(ex, obj.tokenizer, obj.task, obj.examples[:n], chat=obj.chat, pack=False)
+        plain = Objective(ex, obj.tokenizer, obj.task, obj.examples[:n], chat=obj.chat, pack=False,
+                          null_seed=obj.null_seed)
         identity = [tuple(range(obj.num_layers))] * n
         a, b = obj.score(range(n), identity).margin, plain.score(range(n), identity).margin
         tol = 2e-3 if next(ex.model.parameters()).dtype in (torch.float32, torch.float64) else 2e-1

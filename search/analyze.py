@@ -1,13 +1,18 @@
-"""``layerroute analyze STORE``: what an MCTS store says about routing (ORACLE figures: MCTS read the labels).
+"""``layerroute analyze STORE``: what an MCTS store says about routing, read against chance.
 
-From the per-sample records of ``layerroute search mcts``:
+MCTS reads each sample's label, so its figures are ORACLE upper bounds. Every figure is printed
+beside its chance level: the same search run against null labels (``--null``: a seeded random
+wrong option per sample), whose store is given with ``--null`` (default: the folder ``STORE-null``
+beside ``STORE``), and the difference of the two with a 95% CI. From the per-sample records:
 
-* the share of originally correct samples (identity route correct) for which some scored route
-  with fewer blocks stays correct (CoLa reports over 75%);
-* the share of originally wrong samples that some scored route makes correct (CoLa: over 60%);
-* the mean blocks saved by the best route (and by the shortest correct route);
+* the share of samples whose best route is correct, against the full model's accuracy;
+* the share of originally wrong samples that some route makes correct (CoLa reports over 60%);
+* the share of originally correct samples for which a shorter route stays correct (CoLa: over 75%);
+* the share whose best route moves the margin more than 1 nat toward the label, and the mean gain;
+* label statistics: executed share, the share that skip block 0, and the robust filter's
+  threshold and the share of samples it keeps (``layerroute.search.labels``);
 * per-layer action frequencies of the best routes (skip / execute / repeat: 0, 1, 2+ passes)
-  as a heatmap PNG, and a histogram of best against identity rewards.
+  as a heatmap PNG, and histograms of margin gains, gold against null.
 
 Prints a table and writes ``analyze.md``, ``actions.png`` and ``rewards.png`` to the output folder
 (default: the store's folder).
@@ -18,7 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerroute.errors import LayerRouteError
+from layerroute.evaluation import mean_interval, newcombe_interval, wilson_interval
 from layerroute.store import atomic_write, read_store
+
+from .labels import check_pair, margin_gain, null_store_for, null_threshold, robust_layers
 
 ACTIONS = ("skip", "execute", "repeat")
 
@@ -37,6 +45,55 @@ def load_mcts(path) -> tuple[dict, list[dict]]:
     if not recs:
         raise AnalyzeError(f"{path} has no finished MCTS samples yet")
     return header, recs
+
+
+def load_pair(store, null=None) -> tuple[dict, list[dict], list[dict]]:
+    """The gold store's header and the records of the gold and null searches on their common samples."""
+    header, gold = load_mcts(store)
+    null = null or null_store_for(store)
+    if null is None:
+        raise AnalyzeError(f"an oracle figure needs its chance level: run the same search with --null --output "
+                           f"{Path(store).parent if Path(store).is_file() else store}-null, or give its store with "
+                           f"--null")
+    null_header, nulls = load_mcts(null)
+    check_pair(header, null_header, store, null)
+    by_key = {r["key"]: r for r in nulls}
+    common = [r for r in gold if r["key"] in by_key]
+    if not common:
+        raise AnalyzeError(f"{store} and {null} have no finished sample in common")
+    return header, common, [by_key[r["key"]] for r in common]
+
+
+def _shares(records: list[dict], L: int) -> dict[str, tuple[int, int]]:
+    """(count, n) of each label-relative event (the same definitions for gold and null labels)."""
+    right = [r for r in records if r["identity"]["correct"]]
+    wrong = [r for r in records if not r["identity"]["correct"]]
+    gains = [margin_gain(r) for r in records]
+    return {
+        "best route correct": (sum(bool(r["correct"]) for r in records), len(records)),
+        "full route correct": (len(right), len(records)),
+        "wrong made correct": (sum(r["shortest_correct_blocks"] is not None for r in wrong), len(wrong)),
+        "correct stays correct shorter": (sum((r["shortest_correct_blocks"] or L) < L for r in right), len(right)),
+        "gain above 1 nat": (sum(g > 1.0 for g in gains), len(gains)),
+    }
+
+
+def compare(gold: list[dict], null: list[dict], L: int) -> dict:
+    """Gold and null figures on the same samples, and the robust filter's threshold and keep rate."""
+    threshold = null_threshold(null)
+    robust = [robust_layers(r, threshold, L) for r in gold]
+
+    def label_stats(routes):
+        n = len(routes)
+        return {"executed_share": sum(len(x) for x in routes) / (n * L),
+                "skip_block_0": sum(0 not in x for x in routes) / n,
+                "with_repeat": sum(len(set(x)) < len(x) for x in routes) / n}
+
+    return {"samples": len(gold), "num_layers": L, "gold": _shares(gold, L), "null": _shares(null, L),
+            "gain": {"gold": mean_interval([margin_gain(r) for r in gold]),
+                     "null": mean_interval([margin_gain(r) for r in null])},
+            "threshold": threshold, "kept": sum(x != tuple(range(L)) for x in robust),
+            "best_routes": label_stats([tuple(r["layers"]) for r in gold]), "robust_labels": label_stats(robust)}
 
 
 def analyze(records: list[dict], num_layers: int) -> dict:
@@ -76,67 +133,71 @@ def analyze(records: list[dict], num_layers: int) -> dict:
     return out
 
 
-def _fmt(x, pct=False) -> str:
-    if x is None:
+def _pct(k: int, n: int) -> str:
+    if not n:
+        return "n/a (no samples)"
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / n:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), n={n}"
+
+
+def _diff(g: tuple[int, int], z: tuple[int, int]) -> str:
+    if not g[1] or not z[1]:
         return "n/a"
-    return f"{100 * x:.1f}%" if pct else f"{x:.3f}" if isinstance(x, float) else str(x)
+    lo, hi = newcombe_interval(g[0], g[1], z[0], z[1])
+    return f"{100 * (g[0] / g[1] - z[0] / z[1]):+.1f} pts ({100 * lo:+.1f} to {100 * hi:+.1f})"
 
 
-def _share(x, n) -> str:
-    """A share with its 95% Wilson interval."""
-    from layerroute.evaluation import wilson_interval
-
-    if x is None or not n:
-        return "n/a"
-    lo, hi = wilson_interval(round(x * n), n)
-    return f"{100 * x:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f})"
+FIGURES = [("best route correct", "ORACLE accuracy: the best route picks the label"),
+           ("full route correct", "the full model picks the label (no search)"),
+           ("wrong made correct", "ORACLE: wrong under the full route, some route makes it correct (CoLa: >60%)"),
+           ("correct stays correct shorter", "ORACLE: correct under the full route, a shorter route stays correct "
+                                             "(CoLa: >75%)"),
+           ("gain above 1 nat", "ORACLE: the best route moves the margin > 1 nat toward the label")]
 
 
-def report(store, output=None) -> str:
-    """Analyze ``store``; write analyze.md and the PNGs to ``output`` (default: the store's folder)."""
+def report(store, output=None, null=None) -> str:
+    """Analyze ``store`` against its null search; write analyze.md and the PNGs to ``output``
+    (default: the store's folder)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    header, records = load_mcts(store)
-    L = int((header.get("model") or {}).get("num_layers") or records[0]["num_layers"])
-    a = analyze(records, L)
+    header, gold, nulls = load_pair(store, null)
+    L = int((header.get("model") or {}).get("num_layers") or gold[0]["num_layers"])
+    if gold[0].get("correct") is None:
+        raise AnalyzeError(f"{store} is from a task without options; gold against null needs a choice task")
+    c = compare(gold, nulls, L)
     store = Path(store)
     out = Path(output) if output else (store if store.is_dir() else store.parent)
     out.mkdir(parents=True, exist_ok=True)
-    settings = header.get("settings", {})
-    n = a["samples"]
-    rows = ["# MCTS analysis (ORACLE: the search read each sample's label; upper bounds, not results)", "",
-            f"Store: `{store}`; task {header.get('task')}, split {header.get('split')}, seed {header.get('seed')}, "
-            f"space {settings.get('space')}, {settings.get('simulations')} simulations, reward "
-            f"{settings.get('reward', 'margin')}, lambda {settings.get('lam', settings.get('lambda', 0))}, budget "
-            f"{settings.get('budget') or 'none'}; {n} samples, L = {L}."
-            + (" Under a budget below L the identity route is not allowed (its reward is n/a) and every scored "
-               "route is shorter than it; margins compare them." if settings.get("budget") else ""), "",
-            "| figure | value | n |", "|---|---|---|"]
-    if a["has_correct"]:
-        rows += [f"| ORACLE: originally correct samples with a shorter route that stays correct (CoLa: >75%) | "
-                 f"{_share(a['share_correct_stay_correct_shorter'], a['identity_correct'])} | {a['identity_correct']} |",
-                 f"| ORACLE: originally wrong samples that some route makes correct (CoLa: >60%) | "
-                 f"{_share(a['share_wrong_made_correct'], a['identity_wrong'])} | {a['identity_wrong']} |",
-                 f"| identity accuracy / ORACLE accuracy of the best routes | {_fmt(a['identity_accuracy'], True)} / "
-                 f"{_fmt(a['oracle_accuracy'], True)} | {n} |",
-                 f"| mean blocks saved by the shortest correct route (where shorter) | "
-                 f"{_fmt(a['mean_blocks_saved_shortest_correct'])} | {a['shorter_correct']} |"]
-    rows += [f"| mean blocks saved by the best route | {_fmt(a['mean_blocks_saved'])} of {L} | {n} |",
-             f"| mean reward: best (ORACLE) / identity | {_fmt(a['mean_best_reward'])} / "
-             f"{_fmt(a['mean_identity_reward'])} | {n} |",
-             f"| share of samples whose best reward beats the identity route's | "
-             f"{_fmt(a['share_reward_improved'], True)} | {n} |",
-             f"| mean margin: best (ORACLE) / identity | {_fmt(a['mean_best_margin'])} / "
-             f"{_fmt(a['mean_identity_margin'])} | {n} |",
-             f"| share of samples whose best route's margin beats the identity route's | "
-             f"{_share(a['share_margin_improved'], n)} | {n} |", "",
-             "Per-layer actions of the best routes: `actions.png`; rewards: `rewards.png`.", ""]
+    st, n = header.get("settings", {}), c["samples"]
+    rows = ["# MCTS analysis: gold labels against null labels (ORACLE upper bounds beside their chance level)", "",
+            f"Store: `{store}` against `{null or null_store_for(store)}`; task {header.get('task')}, split "
+            f"{header.get('split')}, seed {header.get('seed')}, space {st.get('space')}, {st.get('simulations')} "
+            f"simulations, reward {st.get('reward', 'margin')}, lambda {st.get('lam', 0)}, budget "
+            f"{st.get('budget') or 'none'}; {n} samples in both, L = {L}. Null: the same search with each label "
+            f"replaced by a seeded random wrong option, so its figure is what chance alone reaches. 95% CIs: "
+            f"Wilson, and Newcombe for the difference.", "",
+            "| figure | gold (ORACLE) | null (chance) | gold - null |", "|---|---|---|---|"]
+    for key, text in FIGURES:
+        rows.append(f"| {text} | {_pct(*c['gold'][key])} | {_pct(*c['null'][key])} | "
+                    f"{_diff(c['gold'][key], c['null'][key])} |")
+    (gm, glo, ghi), (zm, zlo, zhi) = c["gain"]["gold"], c["gain"]["null"]
+    rows += [f"| ORACLE: mean margin gain of the best route (nats) | {gm:.3f} ({glo:.3f} to {ghi:.3f}) | "
+             f"{zm:.3f} ({zlo:.3f} to {zhi:.3f}) | {gm - zm:+.3f} |", "",
+             f"**Robust labels.** Threshold: a margin gain of {c['threshold']:.3f} nats, which at most 5% of the null "
+             f"samples exceed. Samples whose best route gains more keep it as their label: {_pct(c['kept'], n)}; "
+             f"the others are labelled with the full route.", "",
+             "| labels | executed share of blocks | skip block 0 | contain a repeat |", "|---|---|---|---|"]
+    for name, key in (("best routes (raw ORACLE labels)", "best_routes"), ("robust labels", "robust_labels")):
+        ls = c[key]
+        rows.append(f"| {name} | {100 * ls['executed_share']:.1f}% | {100 * ls['skip_block_0']:.1f}% | "
+                    f"{100 * ls['with_repeat']:.1f}% |")
+    rows += ["", "Per-layer actions of the best routes: `actions.png`; margin gains, gold and null: `rewards.png`.", ""]
     text = "\n".join(rows)
 
-    freq = [a["action_frequencies"][k] for k in ACTIONS]
+    freq = [analyze(gold, L)["action_frequencies"][k] for k in ACTIONS]
     fig, ax = plt.subplots(figsize=(max(6, L * 0.3), 2.4))
     im = ax.imshow(freq, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(3), ACTIONS)
@@ -147,12 +208,11 @@ def report(store, output=None) -> str:
     fig.savefig(out / "actions.png", dpi=100)
     plt.close(fig)
 
-    field = "reward" if all(r["identity"]["reward"] is not None for r in records) else "margin"
-    best = [r[field] for r in records]
-    ident = [r["identity"][field] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist([best, ident], bins=30, label=["best route (ORACLE)", "identity route"])
-    ax.set_xlabel(field)
+    ax.hist([[margin_gain(r) for r in gold], [margin_gain(r) for r in nulls]], bins=30,
+            label=["gold labels (ORACLE)", "null labels (chance)"])
+    ax.axvline(c["threshold"], color="k", ls="--", label="robust threshold")
+    ax.set_xlabel("margin gain of the best route over the full route (nats)")
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()

@@ -8,7 +8,8 @@ import pytest
 from layerroute.cli import main
 from layerroute.objective import Objective
 from layerroute.search import SearchError
-from layerroute.search.analyze import AnalyzeError, analyze, report
+from layerroute.search.analyze import AnalyzeError, analyze, compare, load_mcts, load_pair, report
+from layerroute.search.labels import LabelError, check_pair, null_threshold, robust_layers
 from layerroute.search.mcts import MCTS, EditTree, MCTSConfig, Node
 from layerroute.store import read_store
 
@@ -122,10 +123,18 @@ def test_cli_resumes_refuses_other_settings_and_analyzes(tiny_dir, tmp_path, cap
     assert main(_mcts_args(tiny_dir, tmp_path / "bad", "--simulations", "0")) == 2
     assert "--simulations must be" in capsys.readouterr().err  # checked before any model is loaded
     assert not (tmp_path / "bad").exists()
-    # analyze: figures, table and PNGs
+    # analyze: never an oracle figure without its chance level, the null search
+    assert main(["analyze", str(out)]) == 2
+    assert "needs its chance level" in capsys.readouterr().err
+    assert main(_mcts_args(tiny_dir, tmp_path / "m-null", "--null")) == 0
+    null_header, null_records = read_store(tmp_path / "m-null")
+    assert null_header["labels"] == "null" and header["labels"] == "gold"
+    assert main(["analyze", str(tmp_path / "m-null"), "--null", str(out)]) == 2  # a null store is no gold store
+    assert "searched with --null" in capsys.readouterr().err
     assert main(["analyze", str(out), "--output", str(tmp_path / "an")]) == 0
     printed = capsys.readouterr().out
-    assert "ORACLE" in printed and "shorter route that stays correct" in printed
+    assert "ORACLE" in printed and "null (chance)" in printed and "a shorter route stays correct" in printed
+    assert "Robust labels" in printed
     for name in ("analyze.md", "actions.png", "rewards.png"):
         assert (tmp_path / "an" / name).stat().st_size > 0
     # a store that is not an MCTS one is refused clearly
@@ -143,6 +152,33 @@ def _rec(identity_correct, shortest, best_layers, reward=1.0, id_reward=0.5):
             "reward": reward, "margin": reward, "correct": shortest is not None,
             "identity": {"reward": id_reward, "margin": 0.5, "correct": identity_correct, "blocks": 4},
             "shortest_correct_blocks": shortest, "num_layers": 4}
+
+
+def _store(path, records, labels="gold"):
+    path.mkdir()
+    head = {"format": "layerroute.results", "version": 1, "kind": "search:mcts", "model": {"num_layers": 4},
+            "settings": {"space": "edit"}, "task": "t", "split": "search", "seed": 0, "labels": labels}
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [head, *records]))
+    return path
+
+
+def test_null_threshold_and_robust_labels_on_a_constructed_store(tmp_path, capsys):
+    # null best routes gain 0.1, 0.2, ..., 2.0 nats: at most 5% (1 of 20) exceed 1.9
+    nulls = [dict(_rec(False, None, [0, 1, 3], reward=g / 10 + 0.5), key=f"s{g}", margin=g / 10 + 0.5)
+             for g in range(1, 21)]
+    assert null_threshold(nulls) == pytest.approx(1.9)
+    gold = [dict(_rec(False, 3, [0, 1, 3]), key="s1", margin=0.5 + 1.95),  # gain 1.95 > 1.9: kept
+            dict(_rec(False, 3, [1, 2, 3]), key="s2", margin=0.5 + 1.9),  # not above the threshold: full route
+            *[dict(_rec(True, 4, [0, 1, 2, 3]), key=f"s{g}") for g in range(3, 21)]]
+    assert robust_layers(gold[0], 1.9, 4) == (0, 1, 3) and robust_layers(gold[1], 1.9, 4) == (0, 1, 2, 3)
+    g, z = _store(tmp_path / "g", gold), _store(tmp_path / "g-null", nulls, "null")
+    c = compare(*load_pair(g)[1:], 4)
+    assert c["threshold"] == pytest.approx(1.9) and c["kept"] == 1 and c["samples"] == 20
+    assert c["robust_labels"]["skip_block_0"] == 0 and c["best_routes"]["skip_block_0"] == pytest.approx(1 / 20)
+    assert c["gold"]["gain above 1 nat"] == (2, 20) and c["null"]["gain above 1 nat"] == (10, 20)
+    assert "1.900 nats" in report(g) and (tmp_path / "g" / "rewards.png").is_file()
+    with pytest.raises(LabelError, match="differ in split"):
+        check_pair({"split": "search"}, {"split": "test", "labels": "null"}, "a", "b")
 
 
 def test_analyze_figures_by_hand(tmp_path):
@@ -163,9 +199,9 @@ def test_analyze_figures_by_hand(tmp_path):
     path.write_text(json.dumps({"format": "layerroute.results", "version": 1, "kind": "search:mcts",
                                 "model": {"num_layers": 4}, "settings": {}}) + "\n")
     with pytest.raises(AnalyzeError, match="no finished MCTS samples"):
-        report(path)
+        load_mcts(path)
     path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in recs))
-    assert "33.3%" in report(path) and (tmp_path / "actions.png").is_file()
+    assert len(load_mcts(path)[1]) == 5
 
 
 def test_edit_actions_are_the_single_edits_of_the_route(tiny, tok):  # noqa: F811
