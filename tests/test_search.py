@@ -29,15 +29,24 @@ def test_registry_refuses_duplicates_and_unknown_names():
 def test_every_searcher_respects_the_budget(tiny, tok, name, tmp_path):  # noqa: F811
     obj = Objective(tiny, tok, choice_task("cloze", n=4), budget=0.6)
     cls = SEARCHERS[name]
-    config = cls.Config(**({"trials": 6} if cls.Config is RandomConfig else {}))
+    # MCTS's default edit space refuses a hard budget below the full route: its per-layer space honours it
+    config = cls.Config(**({"trials": 6} if cls.Config is RandomConfig else {"space": "sequential"} if name == "mcts"
+                           else {}))
     with ResultsStore(tmp_path, {"kind": name}) as store:
         summary = run_search(cls(obj, config, seed=1), store)
+    units = [r for r in store.records if r.get("type") != "summary"]
+    checked = routes = 0
     for r in store.records:
-        if "layers" in r:
-            assert len(r["layers"]) <= 3
-        if "route" in r:
-            assert len(r["route"]["layers"]) <= 3
+        label = r.get("label")  # mcts: a route; its summary: a note
+        found = ([r["layers"]] if "layers" in r else []) + ([r["route"]["layers"]] if "route" in r else []) \
+            + [t["layers"] for t in r.get("top", [])] + ([label["layers"]] if isinstance(label, dict) else [])
+        assert all(len(layers) <= 3 for layers in found), (r.get("key"), found)
+        checked += bool(found) and r.get("type") != "summary"
+        routes += len(found)
     assert summary["type"] == "summary"
+    assert checked == len(units) >= (4 if name == "mcts" else 1)  # every unit (mcts: every sample) had routes
+    if name == "mcts":
+        assert all(r["top"] for r in units) and routes > 2 * len(units)  # the top routes were checked too
 
 
 def test_random_search_is_seeded_and_keeps_the_best(tiny, tok, tmp_path):  # noqa: F811
