@@ -16,6 +16,9 @@ from layerroute.search.distributed import DistributedError, SearchSpec, check_ra
 from layerroute.store import ResultsStore, read_store
 
 
+HANG_S = 60  # seconds: far above a refusal on a loaded machine, far below Ray's minutes of retries
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -27,7 +30,9 @@ def test_unreachable_address_fails_fast_and_says_so():
     t = time.monotonic()
     with pytest.raises(DistributedError, match=f"no Ray cluster answers at {address}"):
         check_ray_address(address, timeout=5)
-    assert time.monotonic() - t < 10
+    # Not a benchmark: a hang is ray.init retrying for minutes; the refused connect returns at once,
+    # so even a loaded machine stays far below this bound.
+    assert time.monotonic() - t < HANG_S
     with pytest.raises(DistributedError, match="is not HOST:PORT"):
         check_ray_address("localhost")
     with socket.socket() as s:  # something that answers passes
@@ -48,7 +53,7 @@ def test_cli_refuses_bad_ray_settings_before_loading(tiny_dir, tmp_path, capsys,
     t = time.monotonic()
     assert main(_search_args(tiny_dir, tmp_path / "bad", *extra)) == 2
     assert msg in capsys.readouterr().err
-    assert time.monotonic() - t < 10
+    assert time.monotonic() - t < HANG_S  # a hang: ray.init retrying for minutes (see above)
     assert not (tmp_path / "bad").exists()
 
 
@@ -114,6 +119,7 @@ def test_ray_mcts_equals_local_mcts(ray_local, tiny_dir, tmp_path):
     spec = _spec(tiny_dir, "mcts", simulations=8, lockstep=4)
     timing = ("seconds", "peak_cache_bytes")  # wall time and cache peaks depend on the machine and the grouping
     (s1, r1), (s2, r2) = (_run(spec, tmp_path / "ray", workers=2, chunk_size=2), _run(spec, tmp_path / "local"))
+    assert len(r1) == len(r2) == 6 and all("top" in r for r in r2)  # one record per sample: all were compared
     _same(s1, s2)
     _same([{k: v for k, v in r.items() if k not in timing} for r in r1],
           [{k: v for k, v in r.items() if k not in timing} for r in r2])
