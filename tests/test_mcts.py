@@ -40,6 +40,7 @@ def test_never_worse_than_identity_and_prefix_reuse_equals_naive(tiny, tok, cfg)
     naive = _run(obj, **cfg, naive=True)
     _same(fast, naive)
     L = obj.num_layers
+    assert len(fast) == 4  # one record per sample
     for r in fast:
         assert r["reward"] >= r["identity"]["reward"]
         assert r["identity"]["blocks"] == L and r["simulations"] == 16
@@ -58,13 +59,17 @@ def test_never_worse_than_identity_and_prefix_reuse_equals_naive(tiny, tok, cfg)
 @pytest.mark.parametrize("cfg", SPACES[1:])
 def test_budgets_and_length_bounds_hold(tiny, tok, cfg):  # noqa: F811
     obj = Objective(tiny, tok, choice_task("letter", n=4), budget=0.6)  # at most 3 of 5 blocks
-    for r in _run(obj, **cfg, simulations=20):
+    records = _run(obj, **cfg, simulations=20)
+    assert len(records) == 4 and all(r["top"] for r in records)
+    for r in records:
         assert r["identity"]["reward"] is None  # the identity route is over the budget
         routes = [r["layers"]] + [t["layers"] for t in r["top"]]
         assert all(1 <= len(x) <= 3 for x in routes)
         assert all(max(x.count(b) for b in x) <= (cfg.get("max_count", 2)) for x in routes)
     wide = Objective(tiny, tok, choice_task("letter", n=3))
-    for r in _run(wide, space="cola", max_length=6, simulations=30):
+    records = _run(wide, space="cola", max_length=6, simulations=30)
+    assert len(records) == 3 and all(r["top"] for r in records)
+    for r in records:
         assert all(len(t["layers"]) <= 6 for t in r["top"])
         assert all(max(t["layers"].count(b) for b in t["layers"]) <= 2 for t in r["top"])
 
@@ -248,7 +253,9 @@ def test_edit_early_stops_follow_their_definitions(tiny, tok):  # noqa: F811
 
 def test_edit_label_is_the_shortest_correct_route_and_budgets_are_refused(tiny, tok):  # noqa: F811
     obj = Objective(tiny, tok, choice_task("cloze", n=4))
-    for r in _run(obj, simulations=30, **NO_STOP):
+    records = _run(obj, simulations=30, **NO_STOP)
+    assert len(records) == 4 and any(r["label"] for r in records)  # both branches below can be reached
+    for r in records:
         correct = [t for t in r["top"] if t["correct"]]
         if r["label"] is None:
             assert not correct and r["shortest_correct_blocks"] is None
