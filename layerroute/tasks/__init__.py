@@ -8,7 +8,7 @@ from .base import (KINDS, LETTERS, SPLITS, Example, Task, TaskError, answer_lett
                    split_of, stable_rng)
 from .extract import EXTRACTORS, extract_answer, get_extractor, normalize_number
 from .generated import SUBTASKS as GENERATED_SUBTASKS
-from .loaders import load_jsonl, mmlu_subjects, rows_to_task
+from .loaders import load_csv, load_jsonl, load_parquet, mmlu_subjects, rows_to_task
 from .prompts import render_prompt
 from .registry import get_task, list_tasks, register_task
 from .suite import SUBTASKS
@@ -16,6 +16,6 @@ from .suite import SUBTASKS
 __all__ = [
     "EXTRACTORS", "GENERATED_SUBTASKS", "KINDS", "LETTERS", "SPLITS", "SUBTASKS", "Example", "Task", "TaskError",
     "answer_letter", "extract_answer", "format_choices", "get_extractor", "get_task", "letter_index", "list_tasks",
-    "load_jsonl", "mmlu_subjects", "normalize_number", "register_task", "render_prompt", "rows_to_task", "split_of",
-    "stable_rng",
+    "load_csv", "load_jsonl", "load_parquet", "mmlu_subjects", "normalize_number", "register_task", "render_prompt",
+    "rows_to_task", "split_of", "stable_rng",
 ]

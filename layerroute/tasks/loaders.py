@@ -1,5 +1,6 @@
 """Loaders: the packaged benchmarks (MMLU, GSM8K, GPQA Diamond, AIME 2025) and user data
-(``jsonl:<path>``, ``hf:<dataset>[:<config>]:<split>``), each returning a validated ``Task``."""
+(``jsonl:<path>``, ``csv:<path>``, ``parquet:<path>``, ``hf:<dataset>[:<config>]:<split>``), each
+returning a validated ``Task``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import socket
 import threading
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +25,7 @@ FINAL_NUMBER = 'Solve it step by step, then finish with "The answer is N." where
 FINAL_INTEGER = ('The answer is an integer from 0 to 999. Solve it step by step, then finish with '
                  '"The answer is N."')
 FIELDS = ("question", "answer", "choices", "uid")
+DATA_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
 # --- packaged data -------------------------------------------------------------------------------
@@ -162,11 +165,14 @@ def _field(row: dict, ours: str, key: str, where: str):
     if key not in row:
         raise TaskError(f"{where}: missing field {key!r} (mapped to {ours!r}); the row has keys: "
                         f"{', '.join(map(str, row)) or '(none)'}")
-    return row[key]
+    value = row[key]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise TaskError(f"{where}: field {key!r} (mapped to {ours!r}) is empty")
+    return value
 
 
-def _to_letter(answer, choices: tuple[str, ...], where: str) -> str:
-    """A choice answer given as a letter, a 0-based index or the option text, as a letter."""
+def _to_letter(answer, choices: tuple[str, ...], where: str, key: str) -> str:
+    """A choice answer given as a letter, the option text or a 0-based index (text first), as a letter."""
     n = len(choices)
     if isinstance(answer, int) and not isinstance(answer, bool):
         if 0 <= answer < n:
@@ -179,53 +185,79 @@ def _to_letter(answer, choices: tuple[str, ...], where: str) -> str:
             return answer_letter(choices.index(s))
         if len(s) == 1 and s.upper() in LETTERS[:n]:
             return s.upper()
+        if s.isdigit() and int(s) < n:
+            return answer_letter(int(s))
     raise TaskError(f"{where}: answer {answer!r} is neither a letter {LETTERS[0]}-{LETTERS[n - 1]}, "
-                    f"a 0-based index below {n}, nor one of the options {list(choices)}")
+                    f"a 0-based index below {n}, nor one of the options {list(choices)} (field {key!r})")
 
 
-def rows_to_task(name: str, rows: Iterable[tuple[str, dict]], *, fields: dict | None = None,
+_ABSENT = object()
+
+
+def _choices(row: dict, keys, where: str) -> tuple[str, ...]:
+    """The options of a row: one list-valued field, or one field per option (trailing empty ones dropped)."""
+    if isinstance(keys, (list, tuple)):
+        values = [row[k] if k in row else _ABSENT for k in keys]  # an absent column is a missing field
+        while values and values[-1] is not _ABSENT and (values[-1] is None or not str(values[-1]).strip()):
+            values.pop()  # rows with fewer options than columns: empty trailing cells
+        raw = [_field(row, "choices", k, where) for k in keys[:len(values)]]
+        what = f"fields {'|'.join(keys)}"
+    else:
+        raw = _field(row, "choices", keys, where)
+        what = f"field {keys!r}"
+        if not isinstance(raw, (list, tuple)):
+            raise TaskError(f"{where}: {what} must hold a list of options, got {raw!r}; map choices to one column "
+                            f"per option with choices=a|b|c|d")
+    if not 2 <= len(raw) <= len(LETTERS):
+        raise TaskError(f"{where}: {what} give {len(raw)} choice(s); a choice example needs 2 to {len(LETTERS)}")
+    return tuple(str(c).strip() for c in raw)
+
+
+def rows_to_task(name: str, rows: Iterable[tuple], *, fields: dict | None = None,
                  kind: str | None = None, choice_scoring: str = "letter", answer_prefix: str | None = None,
-                 extract: str | None = None, max_new_tokens: int | None = None, source: str = "") -> Task:
-    """A Task from ``(location, row)`` pairs, reading our fields from the row keys that ``fields``
-    maps them to (``choices`` may map to one list-valued key or to a list of keys)."""
-    kind = kind or "generate"
+                 extract: str | None = None, max_new_tokens: int | None = None, source: str = "",
+                 skip_bad_rows: bool = False) -> Task:
+    """A Task from ``(location, row)`` pairs (or ``(location, row, uid)``; the uid defaults to the
+    location's last word), reading our fields from the row keys that ``fields`` maps them to:
+    ``choices`` may map to one list-valued key, or to one key per option (a list, or keys joined
+    by ``|``). ``kind`` defaults to ``choice`` when ``fields`` maps choices, else ``generate``.
+
+    A row with a missing or empty field, an answer that matches no option or fewer than 2
+    options is an error naming its location and the field; with ``skip_bad_rows`` such rows are
+    skipped and one warning counts them."""
+    fields = dict(fields or {})
+    kind = kind or ("choice" if "choices" in fields else "generate")
     if kind not in KINDS:
         raise TaskError(f"{name}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
-    fields = {"question": "question", "answer": "answer", "choices": "choices", **(fields or {})}
+    fields = {"question": "question", "answer": "answer", "choices": "choices", **fields}
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise TaskError(f"{name}: unknown field name(s) {unknown} in fields; map any of {', '.join(FIELDS)}")
+    if isinstance(fields["choices"], str) and "|" in fields["choices"]:
+        fields["choices"] = [k.strip() for k in fields["choices"].split("|")]
+        if not all(fields["choices"]):
+            raise TaskError(f"{name}: choices={'|'.join(fields['choices'])} names an empty column")
     if kind == "generate":
         extract = extract or "last_number"
         get_extractor(extract)
-    examples, seen = [], {}
-    for where, row in rows:
-        question = str(_field(row, "question", fields["question"], where)).strip()
-        answer = _field(row, "answer", fields["answer"], where)
-        uid = str(_field(row, "uid", fields["uid"], where)) if "uid" in fields else where.rsplit(" ", 1)[-1]
+    examples, seen, bad = [], {}, []
+    for where, row, *default_uid in rows:
+        uid = str(_field(row, "uid", fields["uid"], where)) if "uid" in fields else \
+            (default_uid[0] if default_uid else where.rsplit(" ", 1)[-1])
         if uid in seen:
             raise TaskError(f"{where}: uid {uid!r} was already used at {seen[uid]}")
         seen[uid] = where
-        choices: tuple[str, ...] = ()
-        if kind == "choice":
-            keys = fields["choices"]
-            raw = [_field(row, "choices", k, where) for k in keys] if isinstance(keys, (list, tuple)) \
-                else _field(row, "choices", keys, where)
-            if not isinstance(raw, (list, tuple)) or not 2 <= len(raw) <= len(LETTERS):
-                raise TaskError(f"{where}: choices must be a list of 2 to {len(LETTERS)} options, got {raw!r}")
-            choices = tuple(str(c).strip() for c in raw)
-            answer = _to_letter(answer, choices, where)
-            if choice_scoring == "letter":
-                question = format_choices(question, choices, LETTER_INSTRUCTION)
-        elif kind == "generate":
-            gold = EXTRACTORS[extract](str(answer))
-            if gold is None:
-                raise TaskError(f"{where}: extractor {extract!r} finds no answer in the gold {answer!r}; "
-                                f"pass extract= one of {', '.join(EXTRACTORS)}")
-            answer = gold
-        examples.append(Example(uid, question, str(answer), choices))
+        try:
+            examples.append(_example(row, uid, where, fields, kind, choice_scoring, extract))
+        except TaskError as exc:
+            if not skip_bad_rows:
+                raise
+            bad.append(str(exc))
+    if bad:
+        warnings.warn(f"{source or name}: skipped {len(bad)} bad row(s) (--skip-bad-rows); the first: {bad[0]}",
+                      stacklevel=3)
     if not examples:
-        raise TaskError(f"{source or name}: empty dataset (no rows)")
+        raise TaskError(f"{source or name}: empty dataset (no {'good ' if bad else ''}rows)")
     if answer_prefix is None:
         answer_prefix = MC_PREFIX if kind == "choice" else ""
     return Task(name, kind, tuple(examples), choice_scoring=choice_scoring, answer_prefix=answer_prefix,
@@ -233,15 +265,108 @@ def rows_to_task(name: str, rows: Iterable[tuple[str, dict]], *, fields: dict | 
                 source=source)
 
 
+def _example(row: dict, uid: str, where: str, fields: dict, kind: str, choice_scoring: str, extract) -> Example:
+    question = str(_field(row, "question", fields["question"], where)).strip()
+    answer = _field(row, "answer", fields["answer"], where)
+    choices: tuple[str, ...] = ()
+    if kind == "choice":
+        choices = _choices(row, fields["choices"], where)
+        answer = _to_letter(answer, choices, where, fields["answer"])
+        if choice_scoring == "letter":
+            question = format_choices(question, choices, LETTER_INSTRUCTION)
+    elif kind == "generate":
+        gold = EXTRACTORS[extract](str(answer))
+        if gold is None:
+            raise TaskError(f"{where}: extractor {extract!r} finds no answer in the gold {answer!r} (field "
+                            f"{fields['answer']!r}); pass extract= one of {', '.join(EXTRACTORS)}")
+        answer = gold
+    return Example(uid, question, str(answer), choices)
+
+
+def _data_task(prefix: str, path: str, rows, options: dict) -> Task:
+    return rows_to_task(f"{prefix}:{path}", rows, source=str(Path(path).expanduser().resolve()), **options)
+
+
+def _check_format(path: Path, prefix: str) -> None:
+    """A data file named with another format's prefix (``jsonl:x.csv``) is refused, naming the right one."""
+    right = DATA_FORMATS.get(path.suffix.lower())
+    if right is not None and right != prefix:
+        raise TaskError(f"{path} looks like a {right.upper()} file (by its name), not {prefix.upper()}; name it "
+                        f"{right}:{path}")
+    if not path.is_file():
+        raise TaskError(f"{prefix.upper()} file {path} not found")
+
+
 def load_jsonl(path: str, fields: dict | None = None, kind: str | None = None, choice_scoring: str = "letter",
                answer_prefix: str | None = None, extract: str | None = None,
-               max_new_tokens: int | None = None) -> Task:
+               max_new_tokens: int | None = None, skip_bad_rows: bool = False) -> Task:
     """A task from a JSONL file, one object per line; uids default to the line number."""
     p = Path(path).expanduser()
+    _check_format(p, "jsonl")
     rows = ((f"{p} line {n}", row) for n, row in read_jsonl(p))
-    return rows_to_task(f"jsonl:{path}", rows, fields=fields, kind=kind, choice_scoring=choice_scoring,
-                        answer_prefix=answer_prefix, extract=extract, max_new_tokens=max_new_tokens,
-                        source=str(p.resolve()))
+    return _data_task("jsonl", path, rows, dict(fields=fields, kind=kind, choice_scoring=choice_scoring,
+                                                answer_prefix=answer_prefix, extract=extract,
+                                                max_new_tokens=max_new_tokens, skip_bad_rows=skip_bad_rows))
+
+
+def read_csv(path: str | Path) -> list[tuple[int, int, dict]]:
+    """The (1-based line, 1-based record, row) triples of a CSV file with a header line (the
+    cells a short row lacks are None, so they read as empty fields)."""
+    path = Path(path).expanduser()
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise TaskError(f"{path}: empty CSV file (no header line)")
+            out, line = [], reader.line_num + 1
+            for k, row in enumerate(reader, 1):
+                out.append((line, k, {c: v for c, v in row.items() if c is not None}))
+                line = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise TaskError(f"{path}: not UTF-8 text; is it a CSV file?") from None
+    except csv.Error as e:
+        raise TaskError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
+    return out
+
+
+def load_csv(path: str, fields: dict | None = None, kind: str | None = None, choice_scoring: str = "letter",
+             answer_prefix: str | None = None, extract: str | None = None,
+             max_new_tokens: int | None = None, skip_bad_rows: bool = False) -> Task:
+    """A task from a CSV file with a header line; uids default to the record number (as a
+    JSONL file without blank lines numbers its rows), errors name the file line."""
+    p = Path(path).expanduser()
+    _check_format(p, "csv")
+    rows = ((f"{p} line {n}", row, str(k)) for n, k, row in read_csv(p))
+    return _data_task("csv", path, rows, dict(fields=fields, kind=kind, choice_scoring=choice_scoring,
+                                              answer_prefix=answer_prefix, extract=extract,
+                                              max_new_tokens=max_new_tokens, skip_bad_rows=skip_bad_rows))
+
+
+def read_parquet(path: str | Path) -> list[dict]:
+    """The rows of a Parquet file as dicts (needs pyarrow)."""
+    path = Path(path).expanduser()
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TaskError(f"reading {path} needs the pyarrow package: pip install pyarrow (or "
+                        f"'layerroute[parquet]'); or export the data to JSONL or CSV") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError for a file that is not Parquet
+        raise TaskError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def load_parquet(path: str, fields: dict | None = None, kind: str | None = None, choice_scoring: str = "letter",
+                 answer_prefix: str | None = None, extract: str | None = None,
+                 max_new_tokens: int | None = None, skip_bad_rows: bool = False) -> Task:
+    """A task from a Parquet file; uids default to the 1-based row number, which errors name."""
+    p = Path(path).expanduser()
+    _check_format(p, "parquet")
+    rows = ((f"{p} row {k}", row) for k, row in enumerate(read_parquet(p), 1))
+    return _data_task("parquet", path, rows, dict(fields=fields, kind=kind, choice_scoring=choice_scoring,
+                                                  answer_prefix=answer_prefix, extract=extract,
+                                                  max_new_tokens=max_new_tokens, skip_bad_rows=skip_bad_rows))
 
 
 def _env_true(name: str) -> bool:
@@ -268,7 +393,7 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 def load_hf(spec: str, fields: dict | None = None, kind: str | None = None, choice_scoring: str = "letter",
             answer_prefix: str | None = None, extract: str | None = None,
-            max_new_tokens: int | None = None) -> Task:
+            max_new_tokens: int | None = None, skip_bad_rows: bool = False) -> Task:
     """A task from a Hugging Face dataset ``<dataset>[:<config>]:<split>`` (needs ``datasets``)."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not all(parts):
@@ -293,4 +418,4 @@ def load_hf(spec: str, fields: dict | None = None, kind: str | None = None, choi
     rows = ((f"hf:{spec} row {i}", dict(row)) for i, row in enumerate(ds))
     return rows_to_task(f"hf:{spec}", rows, fields=fields, kind=kind, choice_scoring=choice_scoring,
                         answer_prefix=answer_prefix, extract=extract, max_new_tokens=max_new_tokens,
-                        source=f"hf:{spec}")
+                        source=f"hf:{spec}", skip_bad_rows=skip_bad_rows)

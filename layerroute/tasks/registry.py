@@ -8,13 +8,15 @@ every task: factories without a ``seed`` parameter (fixed data) simply do not re
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Callable
 
 from ..registry import Registry
 from .base import Task, TaskError
 from .generated import SUBTASKS as GENERATED_SUBTASKS
 from .generated import load_generated
-from .loaders import load_aime2025, load_gpqa, load_gsm8k, load_hf, load_jsonl, load_mmlu
+from .loaders import (DATA_FORMATS, load_aime2025, load_csv, load_gpqa, load_gsm8k, load_hf, load_jsonl, load_mmlu,
+                      load_parquet)
 from .suite import SUBTASKS, load_suite
 
 _FACTORIES: Registry = Registry("task", TaskError)  # name -> Callable[..., Task]
@@ -39,6 +41,12 @@ def get_task(spec: str, **options) -> Task:
     ``jsonl:data.jsonl`` (options ``fields``, ``kind``, ...) or ``hf:gsm8k:main:test``."""
     name, colon, arg = spec.strip().partition(":")
     if name not in _FACTORIES:
+        data = Path(arg if colon else spec.strip()).expanduser()
+        if data.is_file():  # a data file named without a known format (data.xlsx, xlsx:data.xlsx)
+            fmt = DATA_FORMATS.get(data.suffix.lower())
+            raise TaskError(f"{spec!r} names a data file without its format; read it as jsonl:PATH, csv:PATH or "
+                            f"parquet:PATH" + (f" (here {fmt}:{data})" if fmt else
+                                               f"; {data.suffix or 'this'} files are not read: export to one of these"))
         raise TaskError(f"unknown task {spec!r}; available: {', '.join(list_tasks(usage=True))}")
     if colon and not arg:
         raise TaskError(f"task spec {spec!r} has nothing after ':'; usage: {_USAGE[name]}")
@@ -65,6 +73,8 @@ register_task("gsm8k", load_gsm8k)
 register_task("gpqa", load_gpqa)
 register_task("aime2025", load_aime2025)
 register_task("jsonl", load_jsonl, "jsonl:<path>")
+register_task("csv", load_csv, "csv:<path>")
+register_task("parquet", load_parquet, "parquet:<path>")
 register_task("hf", load_hf, "hf:<dataset>[:<config>]:<split>")
 register_task("suite", load_suite, f"suite[:{'|'.join(SUBTASKS)}]")
 register_task("gen", load_generated, f"gen[:{'|'.join(GENERATED_SUBTASKS)}]")
