@@ -1,10 +1,11 @@
 """``layerroute pipeline``: search, train routers, evaluate, generate -- the main job, end to end.
 
-1. **Search** (ORACLE labels): per-sample MCTS (``search/mcts.py``) on the first
-   ``--search-limit`` examples of the task's *search* split, under ``--budget``, into a
-   resumable results store (``OUT/search/results.jsonl``).
-2. **Train** routers on those routes (``routers/training.py``; a seeded share of the searched
-   samples is held out for early stopping), saved to ``OUT/routers/``.
+1. **Search** (ORACLE labels): per-sample MCTS in the edit space (``search/mcts.py``) on the
+   first ``--search-limit`` examples of the task's *search* split, into a resumable results
+   store (``OUT/search/``), and the same search against null labels (``OUT/search-null/``).
+2. **Train** routers on the robust labels (``routers/training.py``: a searched route is kept only
+   where its gain beats chance; a seeded share of the searched samples is held out for early
+   stopping), saved to ``OUT/routers/``.
 3. **Evaluate** on the *test* split (never searched): the full model, the routers (their mean
    executed blocks measured), and the best static route at the routers' compute (``--baseline``,
    calibrated on the search split with ``k = round(router mean blocks)`` blocks).
@@ -22,9 +23,11 @@ from pathlib import Path
 
 
 def _header(args, task, ex, kind: str, settings: dict) -> dict:
+    from layerroute.store import model_header
+
     return {"kind": kind, "settings": {"task": args.task, "seed": args.seed, "fields": None, "kind": None,
                                        **settings},
-            "model": ex.fingerprint.to_dict(), "task": task.name, "split": "search", "seed": args.seed}
+            **model_header(ex), "task": task.name, "split": "search", "seed": args.seed}
 
 
 def run_pipeline(args, load) -> int:
@@ -49,22 +52,27 @@ def run_pipeline(args, load) -> int:
     task = get_task(args.task, seed=args.seed)
     print(f"# layerroute pipeline: {args.model} ({ex.fingerprint.describe()}) on {task.name}")
 
-    step(f"1. MCTS search on {args.search_limit} search-split samples (ORACLE labels, budget {args.budget})")
+    step(f"1. MCTS search (edit space) on {args.search_limit} search-split samples: gold labels (ORACLE) and "
+         f"null labels (chance)")
     searcher_cls = get_searcher("mcts")
     config = searcher_cls.Config(simulations=args.simulations)
-    obj = Objective.from_task(ex, tok, task, "search", args.search_limit, args.seed, budget=args.budget,
-                              option="--search-limit")
-    searcher = searcher_cls(obj, config, seed=args.seed)
-    header = _header(args, task, ex, "search:mcts", {"limit": args.search_limit, "budget": args.budget,
-                                                      "reward": "margin", "lam": 0.0, **searcher.settings()})
-    with ResultsStore(out / "search", header, overwrite=args.overwrite) as store:
-        oracle = run_search(searcher, store)
-    print(f"oracle on the searched samples: mean {oracle.get('mean_best_blocks', float('nan')):.1f} blocks, "
-          f"accuracy {100 * oracle.get('oracle_accuracy', float('nan')):.1f}% "
-          f"(full model {100 * oracle.get('identity_accuracy', float('nan')):.1f}%)")
+    oracle = {}
+    for kind, folder in (("gold", "search"), ("null", "search-null")):
+        obj = Objective.from_task(ex, tok, task, "search", args.search_limit, args.seed, option="--search-limit",
+                                  null_seed=args.seed if kind == "null" else None)
+        searcher = searcher_cls(obj, config, seed=args.seed)
+        header = {**_header(args, task, ex, "search:mcts", {"limit": args.search_limit, "reward": "margin",
+                                                             "lam": 0.0, **searcher.settings()}), "labels": kind}
+        with ResultsStore(out / folder, header, overwrite=args.overwrite) as store:
+            oracle[kind] = run_search(searcher, store)
+    print(f"on the searched samples: full model {100 * oracle['gold'].get('identity_accuracy', float('nan')):.1f}%, "
+          f"ORACLE {100 * oracle['gold'].get('oracle_accuracy', float('nan')):.1f}% with gold labels against "
+          f"{100 * oracle['null'].get('oracle_accuracy', float('nan')):.1f}% with null labels (chance)")
 
     step("2. Train routers (teacher forcing, then on-policy refinement)")
-    labels = load_labels([out / "search"], ex.fingerprint)
+    labels = load_labels([out / "search"], ex.fingerprint)  # robust: filtered against out/search-null
+    print(f"robust labels: {labels.kept} of {labels.kept + labels.filtered} samples keep their searched route "
+          f"(margin gain above {labels.threshold:.3f} nats, which at most 5% of null searches exceed)")
     net, report = train_routers(ex, tok, labels, epochs=args.epochs, budget=args.budget, seed=args.seed,
                                 refine_epochs=args.refine_epochs, base_model=args.model)
     save_routers(out / "routers", net)
@@ -113,12 +121,13 @@ def run_pipeline(args, load) -> int:
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-"
                      f"{100 * r['ci95'][1]:.1f}) | {r['mean_blocks']:.2f} | {r['mean_blocks'] / ex.num_layers:.2f} "
                      f"| {r['seconds']:.1f} |")
-    n_or, acc_or = oracle.get("samples", 0), oracle.get("oracle_accuracy")
-    if acc_or is not None:
-        lo, hi = wilson_interval(round(acc_or * n_or), n_or)
-        lines.append(f"| MCTS ORACLE (search split, reads labels: upper bound) | {100 * acc_or:.1f}% "
-                     f"({100 * lo:.1f}-{100 * hi:.1f}) | {oracle['mean_best_blocks']:.2f} | "
-                     f"{oracle['mean_best_blocks'] / ex.num_layers:.2f} | |")
+    for kind, what in (("gold", "ORACLE, reads labels: upper bound"), ("null", "null labels: its chance level")):
+        o = oracle[kind]
+        if o.get("oracle_accuracy") is not None:
+            lo, hi = wilson_interval(round(o["oracle_accuracy"] * o["samples"]), o["samples"])
+            lines.append(f"| MCTS on the search split ({what}) | {100 * o['oracle_accuracy']:.1f}% "
+                         f"({100 * lo:.1f}-{100 * hi:.1f}) | {o['mean_best_blocks']:.2f} | "
+                         f"{o['mean_best_blocks'] / ex.num_layers:.2f} | |")
     lines += ["", f"Routed generation: {args.prompt!r} -> {answer!r} ({route.cost} blocks).",
               f"Total time {time.perf_counter() - t_start:.0f} s."]
     table = "\n".join(lines)
@@ -136,7 +145,7 @@ def run_pipeline(args, load) -> int:
 def add_pipeline_arguments(p) -> None:
     p.add_argument("--task", default="suite", help="task to search, train and test on (default: the generated suite)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", default="0.8", help="compute budget of search and routers: a share or a block count")
+    p.add_argument("--budget", default="0.8", help="compute budget of the routers: a share or a block count")
     p.add_argument("--search-limit", type=int, default=24, help="search-split samples searched with MCTS")
     p.add_argument("--simulations", type=int, default=16, help="MCTS simulations per sample")
     p.add_argument("--epochs", type=int, default=30, help="router training epochs (early stopping on validation)")

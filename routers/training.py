@@ -7,6 +7,13 @@ summary ``"route"`` to every example of its split (the first ``--limit`` of them
 becomes per-layer labels with ``Route.actions()`` (skip / execute / repeat; a block run three
 times counts as repeat); routes that reorder blocks have no per-layer form and are skipped.
 
+**Robust labels** (the default). A per-sample record of an oracle search (MCTS) keeps its best
+route as a label only when the route's margin gain over the full route exceeds what chance
+explains: the threshold is measured on the same search run against null labels (``search ...
+--null``), the store ``DIR-null`` beside ``DIR`` or those given as ``null``; other samples are
+labelled with the full route (``layerroute.search.labels``). ``robust=False`` learns every
+searched route as it is. A store searched with ``--null`` is never used as labels.
+
 **Splits.** Samples from stores searched on the ``validation`` split are the validation set
 (early stopping); all others train. If no store covers the validation split, a seeded
 ``val_share`` (20%) of the training samples is held out instead.
@@ -33,6 +40,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +67,9 @@ class Labels:
     search: dict[str, tuple[int, ...]]
     validation: dict[str, tuple[int, ...]]
     skipped: int = 0  # reordered routes, which have no per-layer labels
+    threshold: float | None = None  # the robust filter's margin gain threshold (None: no filter applied)
+    kept: int = 0  # samples whose searched route passed the robust filter
+    filtered: int = 0  # samples the robust filter labelled with the full route instead
 
     def task(self):
         from layerroute.tasks import get_task
@@ -75,13 +86,37 @@ def _record_layers(record: dict):
     return None
 
 
-def load_labels(stores, fingerprint=None) -> Labels:
-    """Per-sample routes from one or more results stores of the same task (see the module docstring)."""
+def _robust_filter(path, header: dict, null) -> float | None:
+    """The robust threshold for the per-sample records of the store at ``path`` (from ``null`` stores,
+    or its ``DIR-null`` twin)."""
+    from layerroute.search.labels import LabelError, check_pair, null_store_for, null_threshold
+
+    nulls = list(null) if null else [null_store_for(path)] if null_store_for(path) else []
+    if not nulls:
+        raise LabelError(f"{path}: robust labels need the same search against null labels, to tell a route's gain "
+                         f"from chance; run it with --null --output {Path(path)}-null (or give it with "
+                         f"--null-labels), or pass --no-filter to learn every searched route as it is")
+    records = []
+    for n in nulls:
+        null_header, null_records = read_store(n)
+        check_pair(header, null_header, path, n)
+        records += [r for r in null_records if isinstance(r, dict) and "identity" in r and "layers" in r]
+    return null_threshold(records)
+
+
+def load_labels(stores, fingerprint=None, null=None, robust: bool = True) -> Labels:
+    """Per-sample routes from one or more results stores of the same task (see the module docstring);
+    ``null``: the null searches' stores for the robust filter (default: each store's ``DIR-null``)."""
+    from layerroute.search.labels import LabelError, is_null_store, robust_layers
+
     if isinstance(stores, (str, bytes)) or hasattr(stores, "is_dir"):
         stores = [stores]
     found: Labels | None = None
     for path in stores:
         header, records = read_store(path)
+        if is_null_store(header):
+            raise LabelError(f"{path} was searched with --null (a random wrong label per sample): it measures "
+                             f"chance and must never become router labels")
         settings = header.get("settings") or {}
         spec = settings.get("task") or header.get("task")
         if not spec:
@@ -106,6 +141,16 @@ def load_labels(stores, fingerprint=None) -> Labels:
         uids = {ex.uid for ex in task.examples}
         per_sample = {r["key"]: _record_layers(r) for r in records
                       if r.get("type") != "summary" and r.get("key") in uids and _record_layers(r)}
+        oracle = [r for r in records if r.get("key") in per_sample and "identity" in r and "margin" in r]
+        if oracle and robust:
+            found.threshold = _robust_filter(path, header, null)
+            for r in oracle:
+                L = int(r.get("num_layers") or (header.get("model") or {}).get("num_layers"))
+                layers = robust_layers(r, found.threshold, L)
+                per_sample[r["key"]] = layers
+                edited = layers != tuple(range(L))
+                found.kept += edited
+                found.filtered += not edited
         unknown = sum(1 for r in records if _record_layers(r) and r.get("key") not in uids and r.get("type") != "summary")
         if per_sample and unknown:
             warnings.warn(f"{path}: {unknown} routes name samples that task {spec!r} does not have (was the task "
@@ -339,9 +384,14 @@ def train_router_command(args, load) -> int:
     out = Path(args.output)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise RouterError(f"{out} already holds routers; choose another --output or pass --overwrite")
+    labels = load_labels(args.labels, null=args.null_labels, robust=not args.no_filter)  # checked before loading
     model, tok = load(args)
     executor = RouteExecutor(model)
-    labels = load_labels(args.labels, executor.fingerprint)
+    labels = load_labels(args.labels, executor.fingerprint, null=args.null_labels, robust=not args.no_filter)
+    if labels.threshold is not None:
+        print(f"robust labels: a searched route is kept where its margin gain over the full route exceeds "
+              f"{labels.threshold:.3f} nats (at most 5% of the null search exceed it); {labels.kept} of "
+              f"{labels.kept + labels.filtered} samples kept an edited route, the others learn the full route")
     net, report = train_routers(
         executor, tok, labels, bottleneck=args.bottleneck, windows=args.windows, budget=args.budget,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
@@ -364,6 +414,10 @@ def train_router_command(args, load) -> int:
 def add_train_arguments(p) -> None:
     p.add_argument("--labels", nargs="+", required=True,
                    help="results stores (dirs or results.jsonl) of one task: MCTS, Optuna or PPO outputs")
+    p.add_argument("--null-labels", nargs="+", default=None,
+                   help="the same search run with --null, for the robust filter (default: the folder LABELS-null)")
+    p.add_argument("--no-filter", action="store_true",
+                   help="learn every searched route as it is, chance included (no robust filter)")
     p.add_argument("--output", required=True, help="directory for routers.safetensors and router_config.json")
     p.add_argument("--overwrite", action="store_true", help="replace routers already in --output")
     p.add_argument("--epochs", type=int, default=20)

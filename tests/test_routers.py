@@ -274,7 +274,8 @@ def test_pipeline_runs_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):
                  "--baseline", "drop_last", "--max-new-tokens", "3", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     for step in ("1. MCTS search", "2. Train routers", "3. Evaluate", "4. Generate", "| routers |",
-                 "| full model |", "drop_last static route", "MCTS ORACLE"):
+                 "| full model |", "drop_last static route", "ORACLE, reads labels: upper bound",
+                 "null labels: its chance level", "robust labels:"):
         assert step in text
     summary = json.loads((out / "summary.json").read_text())
     assert [r["method"] for r in summary["rows"]][:2] == ["full model", "routers"]
