@@ -13,7 +13,9 @@ from layerroute.envs.mdp import EnvError
 from layerroute.envs.routing_env import LayerRoutingEnv, LayerRoutingVecEnv, build_core
 
 from .conftest import tiny_model
-from .test_objective import choice_task, tiny, tok  # noqa: F401 (fixtures)
+from layerroute.scoring import task_prompts
+
+from .test_objective import choice_task, ref_logprobs, tiny, tok  # noqa: F401 (fixtures)
 
 L = 5  # blocks of the tiny model
 MODES = ["per_sample", "cola", "per_token"]
@@ -92,11 +94,31 @@ def test_per_token_all_or_no_tokens_equal_executing_or_skipping_layers(tiny, tok
     want = obj.score([info["sample"]], [(0, 2, 4)])
     assert info["blocks"] == pytest.approx(3.0) and tuple(info["route"]) == (0, 2, 4)
     assert reward == pytest.approx(float(want.reward[0]), abs=1e-4)
-    # half the groups: compute is the executed (token, block) pairs over the sample's tokens
+    # half the groups: compute is the executed (token, block) pairs over the sample's tokens. The
+    # reference: the cloze row holds the prompt, then every option; its first half of tokens (groups
+    # 0, 1) run every block, the rest pass through. Each option is scored on its own unpadded row
+    # with that token mask, by a log-softmax sum written here.
     half = np.array([1, 1, 0, 0], np.int8)
     reward, info, _ = run(env, [half] * L)
-    assert 0 < info["blocks"] < L
-    assert reward == pytest.approx(info["margin"] - 0.5 * info["blocks"] / L, abs=1e-5)
+    ex = obj.examples[info["sample"]]  # the objective's examples: the task's search split
+    prompt = task_prompts(tok, task, [ex])[0]
+    p = tok(prompt, add_special_tokens=False).input_ids
+    conts = [tok(prompt + " " + c, add_special_tokens=False).input_ids[len(p):] for c in ex.choices]
+    n = len(p) + sum(len(c) for c in conts)  # the packed row's tokens
+    runs = [k * 4 // n < 2 for k in range(n)]  # token k of the packed row is in group k * 4 // n
+    lls, start = [], len(p)
+    for c in conts:
+        cols = list(range(len(p))) + list(range(start, start + len(c)))  # this option's tokens in the packed row
+        keep = torch.tensor([runs[k] for k in cols])[None, None].expand(1, L, -1)
+        lp = ref_logprobs(tiny, p + c, None, token_mask=keep)
+        lls.append(float(sum(lp[len(p) + m - 1, t] for m, t in enumerate(c))))
+        start += len(c)
+    g = "ABCD".index(ex.answer)
+    margin = lls[g] - max(x for j, x in enumerate(lls) if j != g)
+    blocks = L * sum(runs) / n
+    assert 0 < blocks < L and info["blocks"] == pytest.approx(blocks)
+    assert info["margin"] == pytest.approx(margin, abs=1e-4)
+    assert reward == pytest.approx(margin - 0.5 * blocks / L, abs=1e-4)
 
 
 def test_hard_budget_forces_skips_and_never_breaks_it(tiny, tok, task):  # noqa: F811

@@ -38,9 +38,9 @@ def routes_for(ex, n):
     return [ex.route(specs[i % len(specs)]) for i in range(n)]
 
 
-def ref_logprobs(ex, ids, route):
+def ref_logprobs(ex, ids, route, **kw):
     """The reference: log-softmax of one unpadded row's logits along ``route`` [T, V]."""
-    return torch.log_softmax(ex(torch.tensor([ids]), routes=route).logits[0].double(), dim=-1)
+    return torch.log_softmax(ex(torch.tensor([ids]), routes=route, **kw).logits[0].double(), dim=-1)
 
 
 def ref_continuation(ex, tok, prompt, continuation, route):
