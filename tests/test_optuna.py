@@ -156,7 +156,9 @@ def test_unreachable_ray_address_fails_fast(tiny_dir, tmp_path, capsys):
     t = time.monotonic()
     assert main(_cli(tiny_dir, tmp_path / "r", "--ray-address", "127.0.0.1:1")) == 2
     assert "no Ray cluster answers at 127.0.0.1:1" in capsys.readouterr().err
-    assert time.monotonic() - t < 10
+    # Not a benchmark: a hang is ray.init retrying for minutes; a refused connect returns at once,
+    # so even a loaded machine stays far below 60 s.
+    assert time.monotonic() - t < 60
 
 
 def test_ray_run_equals_local_run(tiny_dir, tmp_path):
