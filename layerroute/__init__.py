@@ -12,6 +12,11 @@ from .route import Route
 
 __version__ = "0.1.0"
 
+# lm-evaluation-harness, where installed, learns the model name "layerroute" (nothing heavy is imported)
+from .harness import register_backend as _register_lm_eval_backend  # noqa: E402
+
+_register_lm_eval_backend()
+
 __all__ = [
     "DEFAULT_MODEL", "FingerprintMismatchError", "Generation", "InputError", "LayerRouteError", "ModelFileError",
     "ModelFingerprint", "ModelNotFoundError", "NotExactError", "Route", "RouteError", "RouteExecutor", "RouteKVCache",

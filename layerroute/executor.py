@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -422,13 +422,15 @@ class RouteExecutor:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                  token_mask: torch.Tensor | None = None, use_cache: bool = True,
-                 output_logits: bool = False, prefill: RoutedOutput | None = None) -> Generation:
+                 output_logits: bool = False, prefill: RoutedOutput | None = None,
+                 stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Generation:
         """Greedy or sampled decoding; each sample keeps its route for every new token.
 
         ``use_cache=False`` recomputes the whole sequence at each step (the reference that
         cached decoding must equal). With ``token_mask``, it must cover prompt and new tokens.
         ``prefill``: the prompt already run along ``routes`` (last-position logits and its cache,
-        e.g. from a routing walk), so the prompt is not run again.
+        e.g. from a routing walk), so the prompt is not run again. ``stop``: called after each new
+        token with the sequences so far [B, T + n]; rows where it returns True finish as on EOS.
         """
         from transformers.generation.logits_process import (
             LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
@@ -487,6 +489,8 @@ class RouteExecutor:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             finished |= torch.isin(nxt, eos)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if stop is not None:
+                finished |= stop(ids).to(self.device)
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.bool, device=self.device)], dim=1)
             fed = nxt[:, None]
             if bool(finished.all()):

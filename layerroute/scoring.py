@@ -85,6 +85,49 @@ def join_continuations(tokenizer, prompts: list[str], continuations: list[str]) 
     return seqs, cont_lens
 
 
+def pack_options(prefix: list[int], options: list[list[int]]) -> tuple[list[int], list[int]]:
+    """One row holding ``prefix`` once, then every option's tokens, and its segment ids (0 for the
+    prefix, k for option k): each option sees the prefix and itself only (``RouteExecutor.begin``)."""
+    return (list(prefix) + [t for o in options for t in o],
+            [0] * len(prefix) + [k + 1 for k, o in enumerate(options) for _ in o])
+
+
+def packed_targets(ids: torch.Tensor, segs: list[list[int]], keep: int):
+    """For left-padded packed rows ``ids`` [R, W] and their segment ids (``pack_options``):
+    ``segments`` [R, W], and for option k of row r the logit positions of its tokens (within the
+    last ``keep`` columns), their target ids and their validity, each [R, K, M]."""
+    R, W = ids.shape
+    segments = torch.zeros(R, W, dtype=torch.long)
+    K = max(max(s) for s in segs)
+    M = max(s.count(k) for s in segs for k in range(1, K + 1))
+    pos = torch.zeros(R, K, M, dtype=torch.long)
+    tgt = torch.zeros(R, K, M, dtype=torch.long)
+    valid = torch.zeros(R, K, M, dtype=torch.bool)
+    off = W - keep
+    for r, seg in enumerate(segs):
+        start = W - len(seg)
+        segments[r, start:] = torch.tensor(seg)
+        last_prompt = start + seg.count(0) - 1
+        for k in range(1, K + 1):
+            cols = [start + c for c, g in enumerate(seg) if g == k]
+            for m, col in enumerate(cols):
+                pos[r, k - 1, m] = (last_prompt if m == 0 else cols[m - 1]) - off
+                tgt[r, k - 1, m] = ids[r, col]
+                valid[r, k - 1, m] = True
+    return segments, pos, tgt, valid
+
+
+def packed_logliks(logp: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor):
+    """From log-probs [R, keep, V] of packed rows: each option's summed log-likelihood, token
+    count and whether every token is the greedy (argmax) one, each [R, K]."""
+    dev = logp.device
+    pos, tgt, valid = pos.to(dev), tgt.to(dev), valid.to(dev)
+    r = torch.arange(len(pos), device=dev)[:, None, None]
+    lp = logp[r, pos, tgt]
+    greedy = (logp.argmax(-1)[r, pos] == tgt) | ~valid
+    return (lp * valid).sum(-1), valid.sum(-1), greedy.all(-1)
+
+
 def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], continuations: list[str],
                      routes: list[Route]) -> tuple[list[float], list[int], list[int]]:
     """Summed NLL of each continuation after its prompt, its token count, and total tokens."""

@@ -8,7 +8,7 @@ objective). It then
 1. drops the units already in the store (a rerun resumes), splits the rest into chunks;
 2. starts ``workers`` actors (``_Worker``); each builds the objective and searcher from the
    picklable ``SearchSpec`` on its first chunk and keeps them, with one torch thread on CPU
-   (``threads``) or one GPU when the spec's device is ``cuda``;
+   (``threads``) or one GPU when the spec's device is ``cuda`` or ``cuda:N`` (the one Ray assigns it);
 3. hands each idle actor the next chunk and appends the records of each finished chunk to the
    store (``ray.wait``): only the driver writes the store;
 4. retries the chunk of an actor that died on a new actor (``max_retries`` times per chunk,
@@ -126,7 +126,8 @@ class _Worker:
             import torch
 
             torch.set_num_threads(self.threads)
-            self.searcher = self.spec.build()
+            spec = self.spec  # on a GPU, Ray shows this actor only the one it gave it: cuda (not cuda:N) is that one
+            self.searcher = (replace(spec, device="cuda") if spec.device.startswith("cuda") else spec).build()
             self.units = set(self.searcher.units())
         missing = [k for k in keys if k not in self.units]
         if missing:
