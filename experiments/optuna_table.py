@@ -1,7 +1,9 @@
 """Optuna per-task routes against the full model and every static baseline, on held-out test splits.
 
-For each task: routes are chosen on the first ``--search-limit`` examples of the search split
-only (every static baseline and an Optuna study per budget), then scored on the first
+For each task: routes are fitted on the first ``--search-limit`` examples of the search split
+(every static baseline and an Optuna study per budget; Optuna's ``--top`` best trials are
+re-scored on the first ``--val-limit`` validation-split examples and the best there is kept,
+except at its ``lambda`` point, whose trade-off is the reward's), then scored on the first
 ``--test-limit`` examples of the test split: accuracy with a 95% Wilson interval and blocks.
 Rows: the full model; each baseline and Optuna at 0.9 and 0.8 of the blocks (every baseline is
 the full model at 1.0); Optuna at 1.0 (it may skip blocks, no penalty); and Optuna at its own
@@ -30,16 +32,15 @@ DEFAULT_TASKS = ("suite", "gen:add2", "gen:mul", "gen:compare", "gen:numwords")
 
 def test_row(test, route) -> dict:
     """Accuracy (95% Wilson CI) and blocks of ``route`` on the ``test`` objective."""
-    from layerroute.evaluation import wilson_interval
+    from layerroute.search.baselines import route_stats
 
-    scores = test.score(range(len(test)), [route] * len(test))
-    k, n = int(scores.correct.sum()), len(test)
-    return {"accuracy": k / n, "ci95": list(wilson_interval(k, n)), "n": n, "blocks": route.cost,
-            "layers": list(route.layers)}
+    stats = route_stats(test, route)
+    return {**{k: stats[k] for k in ("accuracy", "ci95", "n", "blocks")}, "layers": list(route.layers)}
 
 
-def optuna_route(ex, tok, task, examples, point: str, args, out: Path):
-    """The best route of an Optuna study on the search examples (resumable under ``out``)."""
+def optuna_route(ex, tok, task, examples, point: str, args, out: Path, val=None):
+    """The route of an Optuna study on the search examples (resumable under ``out``): the best on
+    ``val`` among its ``args.top`` best trials, or the best on the search examples without ``val``."""
     from layerroute.objective import Objective
     from layerroute.route import Route
     from layerroute.search import run_search
@@ -53,7 +54,15 @@ def optuna_route(ex, tok, task, examples, point: str, args, out: Path):
               "model": ex.fingerprint.to_dict(), "task": task.name, "split": "search", "seed": args.seed}
     with ResultsStore(out, header) as store:
         summary = run_search(searcher, store, progress=False)
-    return Route.from_dict(summary["route"], ex.fingerprint), summary
+        records = [r for r in store.records if r.get("type") != "summary"]
+    if val is None:
+        return Route.from_dict(summary["route"], ex.fingerprint), summary
+    from layerroute.search.baselines import choose_on_validation
+    from layerroute.search.optuna_search import top_routes
+
+    top = {r["number"]: r for r in top_routes(records, args.top)}
+    chosen, _ = choose_on_validation(val, {n: searcher.route(r["layers"]) for n, r in top.items()})
+    return searcher.route(top[chosen]["layers"]), {**summary, "trial": chosen, "reward": top[chosen]["reward"]}
 
 
 def plan(L: int):
@@ -67,10 +76,11 @@ def plan(L: int):
 
 def format_table(rows: list[dict], args) -> str:
     lines = ["# Optuna per-task routes against the full model and the static baselines (SmolLM2-135M-Instruct)", "",
-             f"Routes chosen on the first {args.search_limit} search-split examples only; scored on the first "
+             f"Routes fitted on the first {args.search_limit} search-split examples; scored on the first "
              f"{args.test_limit} test-split examples (seed {args.seed}). Optuna: TPE, {args.trials} trials, skip "
-             f"space, margin reward, median pruning; `lambda` = its own best point with lambda = {args.lam:g} and no "
-             f"hard budget. Accuracy with 95% Wilson CI; blocks executed per token (of 30).", "",
+             f"space, margin reward, median pruning; its {args.top} best trials re-scored on the first "
+             f"{args.val_limit} validation-split examples and the best there kept; `lambda` = its own best point "
+             f"with lambda = {args.lam:g} and no hard budget (chosen on the search split). Accuracy with 95% Wilson CI; blocks executed per token (of 30).", "",
              "Command: `OMP_NUM_THREADS=1 python -m layerroute.experiments.optuna_table " + " ".join(args.argv) + "`",
              "", "| task | method | budget | blocks | accuracy | 95% CI | n |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -107,7 +117,9 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    p.add_argument("--search-limit", type=int, default=16)
+    p.add_argument("--search-limit", type=int, default=256)
+    p.add_argument("--val-limit", type=int, default=256)
+    p.add_argument("--top", type=int, default=3, help="Optuna trials re-scored on validation")
     p.add_argument("--test-limit", type=int, default=100)
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--lam", type=float, default=1.0)
@@ -147,6 +159,8 @@ def main(argv=None) -> None:
             cal = Objective.from_task(ex, tok, task, "search", args.search_limit, args.seed,
                                       batch_rows=args.batch_rows)
             test = Objective.from_task(ex, tok, task, "test", args.test_limit, args.seed, batch_rows=args.batch_rows)
+            val = Objective.from_task(ex, tok, task, "validation", args.val_limit, args.seed,
+                                      batch_rows=args.batch_rows)
             scored = {}
             for method, point in plan(L):
                 key = f"{task.name}|{method}@{point}"
@@ -158,7 +172,8 @@ def main(argv=None) -> None:
                     route = ex.route()
                 elif method == "optuna":
                     route, summary = optuna_route(ex, tok, task, cal.examples, point, args,
-                                                  out / task.name.replace(":", "-") / f"optuna-{point}")
+                                                  out / task.name.replace(":", "-") / f"optuna-{point}",
+                                                  None if point == "lambda" else val)
                     extra = {"search_reward": summary["reward"], "pruned": summary["pruned"]}
                 else:
                     route = BASELINES[method](cal, blocks_for_ratio(float(point), L), args.seed)

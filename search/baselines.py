@@ -13,12 +13,19 @@ split) and returns a route that executes exactly ``k = floor(ratio * L)`` blocks
 * ``random``: skip a seeded random set of blocks.
 
 Each baseline is also a searcher (``layerroute search greedy --budget 0.8 ...``).
+
+Fit on search, choose on validation, report on test: ``run_baselines`` (``layerroute
+baselines``) fits each baseline on ``CALIB_LIMIT`` (256) search-split samples by default, scores
+every candidate on ``VAL_LIMIT`` (256) validation-split samples, and the best static route at a
+budget (``best``; Optuna's pick among its top trials, too) is the one with the best validation
+score, never the best on the samples it was fitted to.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 
 import torch
@@ -120,26 +127,41 @@ def similarity(obj: Objective, k: int, seed: int = 0) -> Route:
     return _skip(obj, range(best, best + n))
 
 
-def greedy_order(obj: Objective, k: int) -> list[int]:
+def greedy_order(obj: Objective, k: int, reuse_prefix: bool = True) -> list[int]:
     """Blocks in the order greedy removal drops them, down to ``k`` kept (cached on ``obj``).
 
-    Each round removes the block whose removal keeps the mean reward highest. Candidates share
-    the prefix before them: the state after the kept blocks below ``i`` is computed once per
-    round and advanced along the rest, so a round costs about half of L full passes.
+    Each round removes the block whose removal keeps the mean reward highest (ties: the lowest
+    index). With ``reuse_prefix`` (the default) a candidate's route is not run from the start:
+    every candidate of a round shares the blocks kept before it, so the state after them is
+    advanced one block at a time and each candidate runs only the rest (a round of ``K`` kept
+    blocks costs ``K(K+1)/2`` block executions per sample instead of ``K(K-1)``). Without it,
+    each candidate is scored from the embeddings (the reference the tests compare against).
+    ``obj.cache["greedy_cost"]`` counts the work: per-sample block executions, per-sample
+    finishes (LM head and scoring) and seconds, summed over both modes' calls.
     """
-    order: list[int] = obj.cache.setdefault("greedy_order", [])
+    order: list[int] = obj.cache.setdefault("greedy_order" if reuse_prefix else "greedy_order_naive", [])
+    cost = obj.cache.setdefault("greedy_cost", {"sample_blocks": 0, "sample_finishes": 0, "seconds": 0.0})
     L, samples = obj.num_layers, list(range(len(obj)))
     for _ in tqdm(range(len(order), L - k), desc=f"greedy removal to {k} blocks", leave=False):
+        start = time.perf_counter()
         kept = [i for i in range(L) if i not in order]
         totals = {i: 0.0 for i in kept}
         for chunk in obj.batches(samples):
+            n = len(chunk)
             state = obj.begin(chunk)
             for pos, i in enumerate(kept):
-                rest = kept[pos + 1:]
-                scores = obj.finish(obj.advance(state, [rest] * len(chunk)))
-                totals[i] += float(scores.reward.sum())
-                state = obj.advance(state, [[i]] * len(chunk))
+                if reuse_prefix:
+                    chain, base = kept[pos + 1:], state  # the kept blocks before i already ran in `state`
+                else:
+                    chain, base = kept[:pos] + kept[pos + 1:], obj.begin(chunk)
+                totals[i] += float(obj.finish(obj.advance(base, [chain] * n)).reward.sum())
+                cost["sample_blocks"] += n * len(chain)
+                cost["sample_finishes"] += n
+                if reuse_prefix and pos + 1 < len(kept):
+                    state = obj.advance(state, [[i]] * n)
+                    cost["sample_blocks"] += n
         order.append(max(totals, key=totals.get))  # ties: the lowest index (dicts keep order)
+        cost["seconds"] += time.perf_counter() - start
     return order[: L - k]
 
 
@@ -163,15 +185,56 @@ def baseline_route(name: str, obj: Objective, ratio: float, seed: int = 0) -> Ro
     return BASELINES[name](obj, blocks_for_ratio(ratio, obj.num_layers), seed)
 
 
+CALIB_LIMIT = 256  # search-split samples a static route is fitted on, by default
+VAL_LIMIT = 256  # validation-split samples that choose between candidate routes, by default
+
+
+def route_stats(obj: Objective, route: Route | tuple[int, ...]) -> dict:
+    """One route on every example of ``obj``: ``n``, ``blocks``, mean ``reward`` and, on choice tasks,
+    ``correct``, ``accuracy`` and its 95% Wilson ``ci95`` (None elsewhere). Cached on ``obj`` per route."""
+    from layerroute.evaluation import wilson_interval
+
+    layers = tuple(route.layers if isinstance(route, Route) else route)
+    cache = obj.cache.setdefault("route_stats", {})
+    if layers not in cache:
+        scores = obj.score(range(len(obj)), [layers] * len(obj))
+        n, stats = len(obj), {"n": len(obj), "blocks": len(layers), "reward": float(scores.reward.mean()),
+                              "correct": None, "accuracy": None, "ci95": None}
+        if obj.task.kind == "choice":
+            k = int(scores.correct.sum())
+            stats.update(correct=k, accuracy=k / n, ci95=list(wilson_interval(k, n)))
+        cache[layers] = stats
+    return cache[layers]
+
+
+def validation_key(stats: dict) -> tuple[float, float]:
+    """How candidate routes are ranked on validation: accuracy (choice tasks), then mean reward."""
+    return (stats["accuracy"] if stats["accuracy"] is not None else 0.0, stats["reward"])
+
+
+def choose_on_validation(val: Objective, candidates: dict[str, Route]) -> tuple[str, dict[str, dict]]:
+    """The name of the candidate route that scores best on ``val`` (``validation_key``; ties: the first
+    given), and every candidate's validation stats (``route_stats``)."""
+    if not candidates:
+        raise RouteError("no candidate routes to choose from")
+    table = {name: route_stats(val, route) for name, route in candidates.items()}
+    return max(table, key=lambda name: validation_key(table[name])), table
+
+
 def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None, *, limit=None,
-                  calib_limit: int = 32, seed: int = 0, batch_size: int = 8, progress: bool = True,
-                  store=None) -> list[dict]:
-    """Evaluate every baseline at every budget on the test split, calibrated on the search split.
+                  calib_limit: int = CALIB_LIMIT, val_limit: int = VAL_LIMIT, seed: int = 0, batch_size: int = 8,
+                  progress: bool = True, store=None) -> list[dict]:
+    """Every baseline at every budget on the test split: fitted on the first ``calib_limit`` search-split
+    samples, scored on the first ``val_limit`` validation-split samples, then evaluated on the test split.
 
-    ``names`` may add ``"optuna"``: the best route of an Optuna study (``optuna_route``) as its own row.
+    ``names`` may add ``"optuna"``: an Optuna study on the same calibration samples and budget whose
+    top trials are re-scored on validation (``optuna_route``). With two or more names, each budget
+    also gets a ``best`` row: the row at that budget with the best validation score
+    (``validation_key``), never chosen on the test split.
 
-    Returns one row per (baseline, budget) plus the full model, each with its route. With a
-    ``ResultsStore``, each row is appended when done and rows already there are not redone.
+    Returns one row per (baseline, budget) plus the full model, each with its route, ``calib_n`` and
+    its validation stats (``val``). With a ``ResultsStore``, each row is appended when done and rows
+    already there are not redone.
     """
     from layerroute.evaluation import evaluate
 
@@ -181,28 +244,39 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
             raise RouteError(f"unknown baseline {n!r}; choose from {', '.join(BASELINES)} (or optuna)")
     blocks = {b: blocks_for_ratio(b, executor.num_layers) for b in budgets}  # validates before any work
     stored = {r["key"]: r for r in (store.records if store is not None else []) if r.get("type") == "row"}
-    plan = [("full", 1.0)] + [(n, b) for b in budgets for n in names if blocks[b] < executor.num_layers]
-    cal, test, rows, seen = None, task.split("test", seed), [], {}
+    per_budget = names + ["best"] if len(names) > 1 else names
+    plan = [("full", 1.0)] + [(n, b) for b in budgets for n in per_budget if blocks[b] < executor.num_layers]
+    cal = val = None
+    test, rows, seen = task.split("test", seed), [], {}
     for name, ratio in plan:
         key = f"{name}@{ratio:g}"
         if key in stored:
             rows.append(stored[key])
             continue
-        if name != "full" and cal is None:
-            cal = Objective.from_task(executor, tokenizer, task, "search", calib_limit, seed, option="--calib-limit")
-        if name == "optuna":  # an optional row: a TPE study on the same calibration examples and budget
-            from .optuna_search import optuna_route
-
-            route = optuna_route(cal, blocks[ratio], seed)
+        if name == "best":
+            mine = [r for r in rows if r["budget"] == ratio and r["baseline"] != "best"]
+            chosen = max(mine, key=lambda r: validation_key(r["val"]))
+            row = {**chosen, "key": key, "baseline": "best", "chosen": chosen["baseline"]}
         else:
-            route = executor.route() if name == "full" else baseline_route(name, cal, ratio, seed)
-        if route.layers not in seen:  # baselines that agree share one evaluation
-            seen[route.layers] = evaluate(executor, tokenizer, test, route, batch_size=batch_size, limit=limit,
-                                          progress=progress)
-        res = seen[route.layers]
-        row = {"type": "row", "key": key, "baseline": name, "budget": ratio, "blocks": route.cost,
-               "accuracy": res.accuracy, "ci95": res.ci95, "gold_nll": res.mean_gold_nll, "n": res.n,
-               "route": route.to_dict()}
+            if name != "full" and cal is None:
+                cal = Objective.from_task(executor, tokenizer, task, "search", calib_limit, seed,
+                                          option="--calib-limit")
+                val = Objective.from_task(executor, tokenizer, task, "validation", val_limit, seed,
+                                          option="--val-limit")
+            if name == "optuna":
+                from .optuna_search import optuna_route
+
+                route = optuna_route(cal, blocks[ratio], seed, validation=val)
+            else:
+                route = executor.route() if name == "full" else baseline_route(name, cal, ratio, seed)
+            if route.layers not in seen:  # baselines that agree share one evaluation
+                seen[route.layers] = evaluate(executor, tokenizer, test, route, batch_size=batch_size, limit=limit,
+                                              progress=progress)
+            res = seen[route.layers]
+            row = {"type": "row", "key": key, "baseline": name, "budget": ratio, "blocks": route.cost,
+                   "accuracy": res.accuracy, "ci95": res.ci95, "gold_nll": res.mean_gold_nll, "n": res.n,
+                   "route": route.to_dict(), "calib_n": None if name == "full" else len(cal),
+                   "val": None if name == "full" else route_stats(val, route)}
         if store is not None:
             store.append(row)
         rows.append(row)
@@ -210,12 +284,16 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| baseline | budget | blocks | accuracy | 95% CI | gold NLL/token | n |", "|---|---|---|---|---|---|---|"]
+    lines = ["| baseline | budget | blocks | accuracy | 95% CI | gold NLL/token | n | calib n | val accuracy | val n |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
         ci = "" if r["ci95"] is None else f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}"
-        lines.append(f"| {r['baseline']} | {r['budget']:.2f} | {r['blocks']} | {acc} | {ci} | "
-                     f"{r['gold_nll']:.3f} | {r['n']} |")
+        val = r.get("val") or {}
+        val_acc = "" if val.get("accuracy") is None else f"{100 * val['accuracy']:.1f}%"
+        name = f"best ({r['chosen']})" if r["baseline"] == "best" else r["baseline"]
+        lines.append(f"| {name} | {r['budget']:.2f} | {r['blocks']} | {acc} | {ci} | {r['gold_nll']:.3f} | {r['n']} | "
+                     f"{r.get('calib_n') or ''} | {val_acc} | {val.get('n', '')} |")
     return "\n".join(lines)
 
 

@@ -356,18 +356,42 @@ class OptunaSearch(Searcher):
         return summary
 
 
-def optuna_route(objective, k: int, seed: int = 0, trials: int = 40):
-    """The best route of an in-memory study on ``objective``'s examples at most ``k`` blocks (the
-    ``optuna`` row of ``run_baselines``)."""
+def top_routes(records: list[dict], top: int) -> list[dict]:
+    """The ``top`` best distinct routes of complete trials, by search reward (ties: fewer blocks, earlier)."""
+    complete = [r for r in records if r["state"] == "COMPLETE" and math.isfinite(r["reward"])]
+    if not complete:
+        raise SearchError("no trial finished unpruned; raise --trials or use --pruner none")
+    out, seen = [], set()
+    for r in sorted(complete, key=lambda r: (-r["reward"], r["blocks"], r["number"])):
+        if tuple(r["layers"]) not in seen and len(out) < top:
+            seen.add(tuple(r["layers"]))
+            out.append(r)
+    return out
+
+
+def optuna_route(objective, k: int, seed: int = 0, trials: int = 40, validation=None, top: int = 3,
+                 details: list | None = None):
+    """The route of an in-memory TPE study on ``objective``'s examples at most ``k`` blocks (the
+    ``optuna`` row of ``run_baselines``). With a ``validation`` objective, the ``top`` best distinct
+    routes on ``objective`` are re-scored there and the best on validation wins (``validation_key``);
+    without one, the best on ``objective``. ``details`` (a list) receives each candidate: its trial,
+    layers, search reward, validation stats and whether it was chosen."""
     from layerroute.budget import Budget
     from layerroute.objective import Objective
 
+    from .baselines import choose_on_validation
+
     obj = Objective(objective.executor, objective.tokenizer, objective.task, objective.examples,
                     reward=objective.reward_kind, lam=objective.lam, budget=Budget(blocks=k), chat=objective.chat,
-                    batch_rows=objective.batch_rows)
+                    batch_rows=objective.batch_rows, null_seed=objective.null_seed)
     searcher = OptunaSearch(obj, OptunaConfig(trials=trials), seed=seed)
-    summary = searcher.summarize(list(searcher.search(searcher.units())))
-    return searcher.route(summary["route"]["layers"])
+    candidates = top_routes(list(searcher.search(searcher.units())), top if validation is not None else 1)
+    routes = {r["number"]: searcher.route(r["layers"]) for r in candidates}
+    chosen, stats = (candidates[0]["number"], {}) if validation is None else choose_on_validation(validation, routes)
+    if details is not None:
+        details += [{"trial": r["number"], "layers": r["layers"], "blocks": r["blocks"], "search_reward": r["reward"],
+                     "val": stats.get(r["number"]), "chosen": r["number"] == chosen} for r in candidates]
+    return routes[chosen]
 
 
 def pareto_front(records: list[dict]) -> list[dict]:

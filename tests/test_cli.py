@@ -80,14 +80,15 @@ def test_eval_and_baselines_report_bad_tasks(tiny_dir, tmp_path, capsys):
 def test_baselines_command_writes_table_and_plot(tiny_dir, tmp_path, capsys):
     out = tmp_path / "b"
     assert main(["baselines", "--model", str(tiny_dir), "--task", "suite:capitals", "--budgets", "1.0,0.8,0.6",
-                 "--baselines", "drop_last,unified,random", "--calib-limit", "4", "--limit", "8",
-                 "--output", str(out)]) == 0
+                 "--baselines", "drop_last,unified,random", "--calib-limit", "4", "--val-limit", "4",
+                 "--limit", "8", "--output", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| drop_last | 0.60 | 3 |" in table and "| full | 1.00 | 5 |" in table
     from layerroute.store import read_store
 
     rows = read_store(out)[1]
-    assert [r["blocks"] for r in rows] == [5, 4, 4, 4, 3, 3, 3]
+    assert [r["blocks"] for r in rows] == [5, 4, 4, 4, 4, 3, 3, 3, 3]  # each budget ends with its best row
+    assert [r["calib_n"] for r in rows[1:4]] == [4, 4, 4] and "| best (" in table
     assert [r["key"] for r in rows][:3] == ["full@1", "drop_last@0.8", "unified@0.8"]
     assert (out / "baselines.png").stat().st_size > 10_000 and (out / "table.md").is_file()
 

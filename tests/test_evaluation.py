@@ -14,7 +14,8 @@ from layerroute.store import ResultsStore, read_store
 from layerroute.models import resolve_model_path
 from layerroute.scoring import continuation_nll, score_batch
 from layerroute.budget import blocks_for_ratio
-from layerroute.search.baselines import BASELINES, baseline_route, greedy_order, last_token_states
+from layerroute.search.baselines import BASELINES, baseline_route, choose_on_validation, greedy_order, \
+    last_token_states
 from layerroute.tasks.base import Example, Task
 from layerroute.tasks.prompts import render_prompt
 
@@ -162,6 +163,46 @@ def test_baselines_choose_sensible_blocks(tiny, tok):
     first = max(rewards, key=rewards.get)
     second = {i: obj.mean_reward(tiny.route(f"skip:{first},{i}")) for i in range(5) if i != first}
     assert greedy_order(obj, 3) == [first, max(second, key=second.get)]
+
+
+def test_greedy_prefix_reuse_gives_the_order_of_scoring_each_candidate_from_scratch(tiny, tok):
+    task = choice_task("cloze")
+    reuse, naive = (Objective(tiny, tok, task, list(task.examples)[:6], batch_rows=8) for _ in range(2))
+    assert greedy_order(reuse, 1) == greedy_order(naive, 1, reuse_prefix=False)
+    assert len(set(greedy_order(reuse, 1))) == 4
+    # per sample, a round with K kept blocks costs K(K+1)/2 - 1 block executions, against K(K-1) from scratch
+    assert reuse.cache["greedy_cost"]["sample_blocks"] == 6 * sum(K * (K + 1) // 2 - 1 for K in (5, 4, 3, 2)) == 180
+    assert naive.cache["greedy_cost"]["sample_blocks"] == 6 * sum(K * (K - 1) for K in (5, 4, 3, 2)) == 240
+    assert reuse.cache["greedy_cost"]["sample_finishes"] == naive.cache["greedy_cost"]["sample_finishes"] == 6 * 14
+
+
+def picks(obj, route):
+    """The option ``route`` answers on each sample of ``obj`` (the highest log-likelihood)."""
+    state = obj.advance(obj.begin(range(len(obj))), [route.layers] * len(obj))
+    return obj.option_logliks(state).argmax(-1).tolist()
+
+
+def relabelled(task, examples, answers):
+    """``examples`` of ``task`` with other gold answers (option indices)."""
+    import dataclasses
+
+    return [dataclasses.replace(ex, answer="ABC"[a]) for ex, a in zip(examples, answers)]
+
+
+def test_the_best_static_route_is_chosen_on_validation_not_on_the_samples_it_fitted(tiny, tok):
+    task = choice_task("cloze", n=14)
+    a, b = tiny.route("skip:0"), tiny.route("skip:4")  # two static routes of 4 blocks
+    pool = Objective(tiny, tok, task)
+    pa, pb = picks(pool, a), picks(pool, b)
+    differ = [i for i in range(len(pool)) if pa[i] != pb[i]]
+    assert len(differ) >= 3  # the two routes answer these samples differently
+    exs = [task.examples[i] for i in differ]
+    fit = Objective(tiny, tok, task, relabelled(task, exs, [pa[i] for i in differ]))  # a right, b wrong
+    val = Objective(tiny, tok, task, relabelled(task, exs, [pb[i] for i in differ]))  # b right, a wrong
+    assert choose_on_validation(fit, {"a": a, "b": b})[0] == "a"
+    name, stats = choose_on_validation(val, {"a": a, "b": b})
+    assert name == "b" and stats["b"]["accuracy"] == 1.0 and stats["a"]["accuracy"] == 0.0
+    assert stats["b"]["n"] == len(differ) and stats["b"]["ci95"][1] == pytest.approx(1.0)
 
 
 def test_similarity_drops_the_run_whose_states_hf_finds_most_alike(tok):

@@ -1,5 +1,6 @@
 """The Optuna per-task searcher: storage resume, seeds, budgets, pruning, refused studies, Pareto front, Ray."""
 
+import dataclasses
 import json
 import random
 import time
@@ -174,13 +175,46 @@ def test_ray_run_equals_local_run(tiny_dir, tmp_path):
     assert remote[-1]["route"] == local[-1]["route"]
 
 
-def test_optuna_joins_the_baselines_table(tiny, tok):  # noqa: F811
-    from layerroute.search.baselines import run_baselines
+def test_optuna_joins_the_baselines_table_and_the_best_row_is_chosen_on_validation(tiny, tok):  # noqa: F811
+    from layerroute.search.baselines import run_baselines, validation_key
 
-    rows = run_baselines(tiny, tok, choice_task("cloze", n=10), [0.6], ["drop_last", "optuna"], calib_limit=4,
-                         progress=False)
-    assert [r["baseline"] for r in rows] == ["full", "drop_last", "optuna"]
+    from .test_evaluation import choice_task as capitals  # 14 questions: 4 in the validation split
+
+    task = capitals("cloze", n=14)
+    rows = run_baselines(tiny, tok, task, [0.6], ["drop_last", "optuna"], calib_limit=4, val_limit=4, progress=False)
+    assert [r["baseline"] for r in rows] == ["full", "drop_last", "optuna", "best"]
     assert rows[2]["blocks"] <= 3 and rows[2]["accuracy"] is not None
+    assert rows[1]["calib_n"] == rows[2]["calib_n"] == 4
+    assert rows[1]["val"]["n"] == rows[2]["val"]["n"] == len(task.split("validation").examples) == 4
+    chosen = max(rows[1:3], key=lambda r: validation_key(r["val"]))
+    assert rows[3]["chosen"] == chosen["baseline"] and rows[3]["route"] == chosen["route"]
+
+
+def test_optuna_route_chooses_among_its_top_trials_on_validation(tiny, tok):  # noqa: F811
+    from layerroute.search.optuna_search import optuna_route
+
+    task = choice_task("cloze", n=8)
+    fit = Objective(tiny, tok, task)
+    details = []
+    optuna_route(fit, 3, seed=0, trials=10, validation=fit, top=3, details=details)
+    assert len(details) == 3 and [d["search_reward"] for d in details] == sorted(
+        (d["search_reward"] for d in details), reverse=True)
+    # a validation split on which the search-best route is wrong everywhere and another candidate right
+    answers = {}
+    for d in details:
+        state = fit.advance(fit.begin(range(len(fit))), [d["layers"]] * len(fit))
+        answers[d["trial"]] = fit.option_logliks(state).argmax(-1).tolist()
+    best = details[0]["trial"]
+    other = next(d["trial"] for d in details[1:] if answers[d["trial"]] != answers[best])
+    keep = [i for i in range(len(fit)) if answers[other][i] != answers[best][i]]
+    val = Objective(tiny, tok, task, [dataclasses.replace(task.examples[i], answer="ABCD"[answers[other][i]])
+                                      for i in keep])
+    details = []
+    route = optuna_route(fit, 3, seed=0, trials=10, validation=val, top=3, details=details)
+    chosen = next(d for d in details if d["chosen"])
+    assert route.layers == tuple(chosen["layers"]) and chosen["trial"] != best
+    assert chosen["val"]["accuracy"] == 1.0 and details[0]["val"]["accuracy"] == 0.0
+    assert optuna_route(fit, 3, seed=0, trials=10).layers == tuple(details[0]["layers"])  # no validation: search-best
 
 
 def test_prefix_reuse_across_trials_equals_scoring_from_scratch(tiny, tok):  # noqa: F811
