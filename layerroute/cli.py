@@ -23,11 +23,13 @@ from .models import DEFAULT_MODEL
 #
 #   positive_int     an integer >= 1 (counts and sizes: --batch-size, --limit, --max-new-tokens, ...)
 #   nonneg_int       an integer >= 0 (--refine-epochs)
+#   seed             an integer in [0, 2**32 - 1] (--seed: numpy and SB3 take no larger one)
+#   router_size      an integer in [1, routers.network.LIMITS] (--bottleneck, --windows)
 #   positive_float   a finite number > 0 (--temperature, --lr)
 #   nonneg_float     a finite number >= 0 (--lambda)
 #   ratio            a number in (0, 1] (--top-p, eval's --budget)
 #   open_ratio       a number in (0, 1) (--val-share)
-#   ratio_list       comma-separated numbers in (0, 1] -> list (--budgets)
+#   ratio_list       comma-separated distinct numbers in (0, 1] -> list (--budgets)
 #   budget           a share in (0, 1] or a whole block count >= 1 (search, train-ppo, pipeline --budget)
 #   key_value_pairs  k=v[,k=v...] with distinct non-empty keys -> dict (--fields)
 #   output_dir       a directory that is writable, or can be created; nothing is created (--output)
@@ -44,15 +46,15 @@ def _bad(value, what: str) -> argparse.ArgumentTypeError:
     return argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
 
 
-def _int_at_least(value, low: int) -> int:
+def _int_at_least(value, low: int, high: int | None = None) -> int:
     try:
         n = int(value.strip()) if isinstance(value, str) else value
     except ValueError:
         n = None
     if isinstance(n, bool) or not isinstance(n, int):
         raise _bad(value, "an integer")
-    if n < low:
-        raise _bad(value, f"at least {low}")
+    if n < low or (high is not None and n > high):
+        raise _bad(value, f"at least {low}" if high is None else f"an integer in [{low}, {high}]")
     return n
 
 
@@ -72,6 +74,18 @@ def positive_int(value) -> int:
 
 def nonneg_int(value) -> int:
     return _int_at_least(value, 0)
+
+
+def seed(value) -> int:
+    return _int_at_least(value, 0, 2**32 - 1)
+
+
+def router_size(name: str):
+    def check(value) -> int:
+        from layerroute.routers.network import LIMITS
+
+        return _int_at_least(value, 1, LIMITS[name])
+    return check
 
 
 def positive_float(value) -> float:
@@ -95,9 +109,13 @@ def ratio_list(value) -> list[float]:
     try:
         if not items or "" in items:
             raise ValueError
-        return [ratio(s) for s in items]
+        out = [ratio(s) for s in items]
     except (ValueError, argparse.ArgumentTypeError):
         raise _bad(value, "comma-separated numbers in (0, 1], like 1.0,0.9,0.8") from None
+    twice = next((x for i, x in enumerate(out) if x in out[:i]), None)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(f"names {twice:g} twice in {value!r}")
+    return out
 
 
 def budget(value):
@@ -213,15 +231,17 @@ def _each(check):
 CHECKS = {
     **dict.fromkeys(("batch_size", "limit", "max_new_tokens", "calib_limit", "val_limit", "batch_rows", "timesteps",
                      "n_envs", "n_steps", "workers", "obs_dim", "search_limit", "test_limit", "simulations", "trials",
-                     "epochs", "patience", "bottleneck", "windows"), positive_int),
-    "refine_epochs": nonneg_int,
+                     "epochs", "patience"), positive_int),
+    "refine_epochs": nonneg_int, "seed": seed, "bottleneck": router_size("bottleneck"),
+    "windows": router_size("windows"),
     "temperature": positive_float, "lr": positive_float, "lam": nonneg_float,
     "top_p": ratio, "val_share": open_ratio, "budgets": ratio_list, "budget": budget,
     "fields": key_value_pairs, "output": output_dir, "device": device, "dtype": dtype, "model": model_name,
     "route": route_arg, "prompt": nonempty, "task": nonempty, "baseline": baseline_names,
-    "baselines": baseline_names, "router": existing_path, "policy": existing_path, "labels": _each(existing_path), "null_store": existing_path,
+    "baselines": baseline_names, "router": existing_path, "policy": existing_path, "labels": _each(existing_path),
+    "null_store": existing_path, "null_labels": _each(existing_path),
 }
-COMMAND_CHECKS = {"eval": {"budget": ratio}}  # eval's --budget is the share a --baseline may run
+COMMAND_CHECKS = {"eval": {"budget": ratio}}  # eval's --budget is the share a --baseline or routers may run
 _FLAGS = {"lam": "--lambda"}
 
 
@@ -363,59 +383,65 @@ def _identity(args) -> dict:
 
 
 def cmd_eval(args) -> int:
+    from contextlib import nullcontext
+
     from .evaluation import eval_header, evaluate, write_summary
     from .executor import RouteExecutor
     from .store import ResultsStore
 
+    policy = args.router or args.policy
+    if args.budget is not None and not (args.baseline or policy):
+        raise InputError("--budget applies to --baseline and trained routers only; a route runs the blocks it names")
     task = _task(args)
     split = task.split(args.split, args.seed)
-    model, tok = _load(args)
-    ex = RouteExecutor(model)
-    if args.baseline:
-        from layerroute.objective import Objective
-        from layerroute.search.baselines import baseline_route
+    with (ResultsStore(args.output) if args.output else nullcontext()) as store:  # its lock before the model loads
+        model, tok = _load(args)
+        ex = RouteExecutor(model)
+        if args.baseline:
+            from layerroute.objective import Objective
+            from layerroute.search.baselines import baseline_route
 
-        cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
-        route = baseline_route(args.baseline, cal, args.budget, args.seed)
-    elif args.policy:
-        import layerroute.routers  # noqa: F401  (registers the "router" policy type)
-        from layerroute.policies import load_policy
+            cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
+            route = baseline_route(args.baseline, cal, 0.8 if args.budget is None else args.budget, args.seed)
+        elif policy:
+            from layerroute.policies import load_policy
+            from layerroute.routers import RouterPolicy, load_routers
 
-        route = load_policy(args.policy, ex)  # a RoutingPolicy: evaluate() calls its route_batch
-    else:
-        route = ex.route(args.route)
-    what = {"policy": str(args.policy), "policy_type": route.type} if args.policy else {"route": route.to_dict()}
-    print(f"policy: {args.policy} ({route.type})" if args.policy else f"route: {route.describe()}", file=sys.stderr)
-    store = None
-    if args.output:
-        store = ResultsStore(args.output, eval_header(ex, task, args.split, args.seed, _identity(args)),
-                             overwrite=args.overwrite)
-    try:
+            # a RoutingPolicy: evaluate() calls its route_batch
+            route = RouterPolicy(load_routers(args.router, model)) if args.router else load_policy(args.policy, ex)
+            if args.budget is not None and route.type != "router":
+                raise InputError(f"--budget applies to --baseline and trained routers only; {policy} is a "
+                                 f"{route.type} policy, which runs the blocks it chooses")
+            if args.budget is not None:
+                route.budget = args.budget
+        else:
+            route = ex.route(args.route)
+        what = {"policy": str(policy), "policy_type": route.type} if policy else {"route": route.to_dict()}
+        print(f"policy: {policy} ({route.type})" if policy else f"route: {route.describe()}", file=sys.stderr)
+        if store is not None:
+            store.open(eval_header(ex, task, args.split, args.seed, _identity(args)), overwrite=args.overwrite)
         result = evaluate(ex, tok, split, route, batch_size=args.batch_size, limit=args.limit, store=store)
         print(result.summary())
         if store is not None:
             write_summary(store, result, {**what, "task_source": task.source})
             print(f"wrote {store.path}")
-    finally:
-        if store is not None:
-            store.close()
     return 0
 
 
 def cmd_baselines(args) -> int:
     from .executor import RouteExecutor
     from layerroute.search.baselines import BASELINES, format_table, plot_curves, run_baselines
-    from .store import ResultsStore, atomic_write
+    from .store import ResultsStore, atomic_write, model_header
 
     budgets = [float(b) for b in args.budgets.split(",")]
     names = args.baselines.split(",") if args.baselines else list(BASELINES)
     task = _task(args)
-    model, tok = _load(args)
-    ex = RouteExecutor(model)
     out = args.output or f"runs/baselines-{args.task.replace(':', '-').replace('/', '-')}"
-    header = {"kind": "baselines", "settings": _identity(args), "model": ex.fingerprint.to_dict(), "task": task.name,
-              "split": "test", "seed": args.seed}
-    with ResultsStore(out, header, overwrite=args.overwrite) as store:
+    with ResultsStore(out) as store:  # the single-writer lock, before the model loads
+        model, tok = _load(args)
+        ex = RouteExecutor(model)
+        store.open({"kind": "baselines", "settings": _identity(args), **model_header(ex), "task": task.name,
+                    "split": "test", "seed": args.seed}, overwrite=args.overwrite)
         rows = run_baselines(ex, tok, task, budgets, names, limit=args.limit, calib_limit=args.calib_limit,
                              val_limit=args.val_limit, seed=args.seed, batch_size=args.batch_size, store=store)
         table = format_table(rows)
@@ -436,7 +462,7 @@ def cmd_search(args) -> int:
     from layerroute.search.distributed import SearchSpec, check_ray_args, run_search_distributed
     from .budget import Budget
     from .route import Route
-    from .store import ResultsStore
+    from .store import ResultsStore, model_header
 
     cls = get_searcher(args.searcher)
     config = config_from_args(cls.Config, args)
@@ -454,20 +480,21 @@ def cmd_search(args) -> int:
                       split=args.split, limit=args.limit, seed=args.seed,
                       objective=dict(reward=args.reward, lam=args.lam, budget=args.budget, batch_rows=args.batch_rows,
                                      null_seed=args.seed if args.null else None))
-    searcher = spec.build(task)
-    obj, ex = searcher.objective, searcher.objective.executor
-    common = {k: v for k, v in _identity(args).items() if k not in spec.config}  # the searcher's own options:
-    header = {"kind": f"search:{cls.name}", "settings": {**common, **searcher.settings()},  # as settings() says
-              "model": ex.fingerprint.to_dict(), "task": task.name, "split": args.split, "seed": args.seed,
-              "labels": "null" if args.null else "gold"}
-    if args.null:
-        print(f"note: --null: every label is a seeded random wrong option; the results are the chance level of "
-              f"{cls.name}'s figures, never results", file=sys.stderr)
-    elif cls.oracle:
-        print(f"note: {cls.name} reads the labels of the samples it routes; its rewards are an oracle upper bound",
-              file=sys.stderr)
     out = args.output or f"runs/search-{cls.name}-{args.task.replace(':', '-').replace('/', '-')}"
-    with ResultsStore(out, header, overwrite=args.overwrite) as store:
+    with ResultsStore(out) as store:  # the single-writer lock, before the model loads
+        searcher = spec.build(task)
+        obj, ex = searcher.objective, searcher.objective.executor
+        common = {k: v for k, v in _identity(args).items() if k not in spec.config}  # the searcher's own options:
+        header = {"kind": f"search:{cls.name}", "settings": {**common, **searcher.settings()},  # as settings() says
+                  **model_header(ex), "task": task.name, "split": args.split, "seed": args.seed,
+                  "labels": "null" if args.null else "gold"}
+        if args.null:
+            print(f"note: --null: every label is a seeded random wrong option; the results are the chance level of "
+                  f"{cls.name}'s figures, never results", file=sys.stderr)
+        elif cls.oracle:
+            print(f"note: {cls.name} reads the labels of the samples it routes; its rewards are an oracle upper bound",
+                  file=sys.stderr)
+        store.open(header, overwrite=args.overwrite)
         if on_ray:
             summary = run_search_distributed(spec, store, args.workers, args.ray_address, searcher=searcher)
         else:
@@ -488,19 +515,19 @@ def cmd_train_ppo(args) -> int:
     from layerroute.envs.routing_env import LayerRoutingVecEnv
     from layerroute.policies.ppo import train_ppo
     from .executor import RouteExecutor
-    from .store import ResultsStore
+    from .store import ResultsStore, model_header
 
     task = _task(args)  # the arguments were checked by _validate (CHECKS) before
-    model, tok = _load(args)
-    ex = RouteExecutor(model)
-    venv = LayerRoutingVecEnv(args.n_envs, ex, tok, task, mode=args.mode, reward=args.reward, lam=args.lam,
-                              budget=args.budget, limit=args.limit, seed=args.seed, obs_dim=args.obs_dim,
-                              batch_rows=args.batch_rows)
-    settings = {k: v for k, v in _identity(args).items() if k not in ("timesteps", "device", "no_progress")}
-    header = {"kind": "train-ppo", "settings": settings, "model": ex.fingerprint.to_dict(), "task": task.name,
-              "split": "search", "seed": args.seed}
     out = args.output or f"runs/ppo-{args.task.replace(':', '-').replace('/', '-')}"
-    with ResultsStore(out, header, overwrite=args.overwrite) as store:
+    with ResultsStore(out) as store:  # the single-writer lock, before the model loads
+        model, tok = _load(args)
+        ex = RouteExecutor(model)
+        venv = LayerRoutingVecEnv(args.n_envs, ex, tok, task, mode=args.mode, reward=args.reward, lam=args.lam,
+                                  budget=args.budget, limit=args.limit, seed=args.seed, obs_dim=args.obs_dim,
+                                  batch_rows=args.batch_rows)
+        settings = {k: v for k, v in _identity(args).items() if k not in ("timesteps", "device", "no_progress")}
+        store.open({"kind": "train-ppo", "settings": settings, **model_header(ex), "task": task.name,
+                    "split": "search", "seed": args.seed}, overwrite=args.overwrite)
         if args.overwrite:
             import shutil
 
@@ -524,6 +551,28 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_signal(args) -> int:
+    """``layerroute signal``: whether per-input routing can pay on this model and task (see search/signal.py)."""
+    from layerroute.objective import Objective
+    from layerroute.search.signal import MIN_SAMPLES, SignalError, signal, write_report
+    from .executor import RouteExecutor
+
+    task = _task(args)
+    if task.kind != "choice":
+        raise SignalError(f"signal needs a task with options (gold against null labels); {task.name} is a "
+                          f"{task.kind} task")
+    if args.limit is not None and args.limit < MIN_SAMPLES:
+        raise SignalError(f"signal needs at least {MIN_SAMPLES} samples to say anything; got --limit {args.limit}")
+    model, tok = _load(args)
+    obj = Objective.from_task(RouteExecutor(model), tok, task, args.split, args.limit, args.seed,
+                              batch_rows=args.batch_rows)
+    report = signal(obj, args.seed)
+    out = args.output or f"runs/signal-{args.task.replace(':', '-').replace('/', '-')}"
+    print(write_report(report, out, "layerroute " + " ".join(sys.argv[1:])))
+    print(f"wrote {out}/signal.md, signal.json and signal.png")
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from .tasks import list_tasks
 
@@ -533,8 +582,15 @@ def cmd_tasks(args) -> int:
 
 def cmd_train_router(args) -> int:
     from layerroute.routers.training import train_router_command
+    from .store import check_store_weights
 
-    return train_router_command(args, _load)
+    def load(args):  # labels searched on another checkpoint of the same shape are refused
+        model, tok = _load(args)
+        for path in args.labels:
+            check_store_weights(path, model)
+        return model, tok
+
+    return train_router_command(args, load)
 
 
 def cmd_pipeline(args) -> int:
@@ -606,9 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--baseline", default=None, help="static baseline: unified, drop_last, similarity, greedy, random")
     group.add_argument("--policy", default=None, help="a saved routing policy (directory with policy_config.json, "
                        "e.g. from train-ppo) or a route JSON file")
-    group.add_argument("--router", dest="policy", default=None,
+    group.add_argument("--router", default=None,
                        help="a trained router directory (from train-router or pipeline); same as --policy DIR")
-    p.add_argument("--budget", type=float, default=0.8, help="share of blocks a --baseline may run")
+    p.add_argument("--budget", type=float, default=None,
+                   help="share of blocks a --baseline (default 0.8) or trained routers (default: their own) may run")
     p.add_argument("--calib-limit", type=int, default=CALIB_LIMIT, help="search-split examples a --baseline is "
                    "fitted on")
     p.set_defaults(func=cmd_eval)
@@ -668,6 +725,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=64, help="token rows per executor call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_ppo)
+
+    p = sub.add_parser("signal", help="before training routers: can per-input routing pay on this model and task? "
+                       "(null-corrected oracle, static against per-input, predictability)")
+    _add_model_args(p)
+    _add_task_args(p)
+    p.set_defaults(limit=200, batch_size=None)
+    p.add_argument("--split", default="search", choices=["search", "validation", "test", "all"])
+    p.add_argument("--batch-rows", type=int, default=64, help="token rows per executor call")
+    p.set_defaults(func=cmd_signal)
 
     p = sub.add_parser("tasks", help="list the task specs --task accepts")
     p.set_defaults(func=cmd_tasks)
