@@ -39,7 +39,8 @@ from .budget import Budget
 from .errors import LayerRouteError
 from .executor import RouteExecutor, RouteState
 from .route import Route
-from .scoring import encode_texts, gold_continuation, join_continuations, left_pad, task_prompts
+from .scoring import (encode_texts, gold_continuation, join_continuations, left_pad, pack_options, packed_logliks,
+                      packed_targets, task_prompts)
 from .tasks.base import LETTERS, stable_rng
 
 REWARDS = ("margin", "correct")
@@ -160,8 +161,9 @@ class Objective:
             elif self.packed:  # one row: the prompt once, then every option (see RouteExecutor.begin)
                 rows, lens = join_continuations(tok, [prompt] * len(conts), conts)
                 shared = len(rows[0]) - lens[0]
-                seqs.append(rows[0][:shared] + [t for r in rows for t in r[shared:]])
-                segs.append([0] * shared + [k + 1 for k, n in enumerate(lens) for _ in range(n)])
+                seq, seg = pack_options(rows[0][:shared], [r[shared:] for r in rows])
+                seqs.append(seq)
+                segs.append(seg)
                 cont.append(sum(lens))
                 owner.append(i)
                 continue
@@ -187,30 +189,8 @@ class Objective:
         self.num_rows = torch.bincount(self.owner, minlength=len(self.examples))
         self.keep = int(self.cont_len.max()) + 1 if self.letter_ids is None else 1
         if self.packed:
-            self._pack_targets(segs)
-
-    def _pack_targets(self, segs) -> None:
-        """Packed rows: ``segments`` [R, W], and for option k of row r, the logit positions (within
-        the last ``keep`` columns), target ids and validity of its tokens, each [R, K, M]."""
-        R, W = self.ids.shape
-        self.segments = torch.zeros(R, W, dtype=torch.long)
-        K = max(max(s) for s in segs)
-        M = max(s.count(k) for s in segs for k in range(1, K + 1))
-        pos = torch.zeros(R, K, M, dtype=torch.long)
-        tgt = torch.zeros(R, K, M, dtype=torch.long)
-        valid = torch.zeros(R, K, M, dtype=torch.bool)
-        off = W - self.keep
-        for r, seg in enumerate(segs):
-            start = W - len(seg)
-            self.segments[r, start:] = torch.tensor(seg)
-            last_prompt = start + seg.count(0) - 1
-            for k in range(1, K + 1):
-                cols = [start + c for c, g in enumerate(seg) if g == k]
-                for m, col in enumerate(cols):
-                    pos[r, k - 1, m] = (last_prompt if m == 0 else cols[m - 1]) - off
-                    tgt[r, k - 1, m] = self.ids[r, col]
-                    valid[r, k - 1, m] = True
-        self.option_pos, self.option_target, self.option_valid = pos, tgt, valid
+            self.segments, self.option_pos, self.option_target, self.option_valid = packed_targets(self.ids, segs,
+                                                                                                   self.keep)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -289,10 +269,8 @@ class Objective:
         """Per sample: the summed log-likelihood of each continuation (cloze: each option) and its tokens."""
         dev, out = logp.device, []
         if self.packed:  # one row per sample
-            r_idx = torch.arange(len(rows), device=dev)[:, None, None]
-            lp = logp[r_idx, self.option_pos[rows].to(dev), self.option_target[rows].to(dev)]
-            valid = self.option_valid[rows].to(dev)
-            option_lp, lens = (lp * valid).sum(-1), valid.sum(-1)  # [R, K]
+            option_lp, lens = packed_logliks(logp, self.option_pos[rows], self.option_target[rows],
+                                             self.option_valid[rows])  # [R, K]
             return [(option_lp[j, :len(self.examples[i].choices)], lens[j, :len(self.examples[i].choices)])
                     for j, i in enumerate(samples)]
         targets = self.ids[rows].to(dev)[:, -self.keep + 1:]  # [R, keep-1]

@@ -118,14 +118,20 @@ def packed_targets(ids: torch.Tensor, segs: list[list[int]], keep: int):
 
 
 def packed_logliks(logp: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor):
-    """From log-probs [R, keep, V] of packed rows: each option's summed log-likelihood, token
-    count and whether every token is the greedy (argmax) one, each [R, K]."""
+    """From log-probs [R, keep, V] of packed rows (``packed_targets``): each option's summed
+    log-likelihood and its token count, each [R, K]."""
     dev = logp.device
     pos, tgt, valid = pos.to(dev), tgt.to(dev), valid.to(dev)
-    r = torch.arange(len(pos), device=dev)[:, None, None]
-    lp = logp[r, pos, tgt]
-    greedy = (logp.argmax(-1)[r, pos] == tgt) | ~valid
-    return (lp * valid).sum(-1), valid.sum(-1), greedy.all(-1)
+    lp = logp[torch.arange(len(pos), device=dev)[:, None, None], pos, tgt]
+    return (lp * valid).sum(-1), valid.sum(-1)
+
+
+def packed_greedy(logp: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[R, K]: whether every token of each packed option is the argmax of its position."""
+    dev = logp.device
+    pos, tgt, valid = pos.to(dev), tgt.to(dev), valid.to(dev)
+    top = logp.argmax(-1)[torch.arange(len(pos), device=dev)[:, None, None], pos]
+    return ((top == tgt) | ~valid).all(-1)
 
 
 def continuation_nll(executor: RouteExecutor, tokenizer, prompts: list[str], continuations: list[str],

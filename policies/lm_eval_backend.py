@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from layerroute.errors import InputError
 from layerroute.executor import RouteExecutor
 from layerroute.models import DEFAULT_MODEL, load_model
-from layerroute.scoring import left_pad, pack_options, packed_logliks, packed_targets
+from layerroute.scoring import left_pad, pack_options, packed_greedy, packed_logliks, packed_targets
 
 from .base import StaticPolicy, load_policy
 
@@ -166,7 +166,7 @@ class LayerRouteLM(TemplateLM):
         ex = self.executor
         state = ex.advance(ex.begin(ids.to(ex.device), mask.to(ex.device), segments=segments), routes)
         logp = torch.log_softmax(ex.finish(state, keep).float(), dim=-1)
-        ll, _, greedy = packed_logliks(logp, pos, tgt, valid)
+        ll, greedy = packed_logliks(logp, pos, tgt, valid)[0], packed_greedy(logp, pos, tgt, valid)
         return [[(float(ll[r, k]), bool(greedy[r, k])) for k in range(len(opts))] for r, (_, opts) in enumerate(rows)]
 
     def _check_packing(self) -> None:
