@@ -39,6 +39,16 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+def altered_checkpoints(family: str = "llama", **overrides) -> dict:
+    """Checkpoints equal to ``tiny_model(family, **overrides)`` but for one tensor (scaled), or for
+    one value of one tensor (the last of the embeddings: a digest of strided samples misses it)."""
+    whole, one = tiny_model(family, **overrides), tiny_model(family, **overrides)
+    with torch.no_grad():
+        whole.model.layers[2].mlp.up_proj.weight.mul_(1.5)
+        one.model.embed_tokens.weight.view(-1)[-1] += 1.0
+    return {"one tensor": whole, "one value": one}
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """SmolLM2-135M-Instruct (the embedded default), dequantized once into the user cache."""

@@ -16,7 +16,7 @@ from layerroute.routers.training import Labels, class_weights, focal_loss, load_
 from layerroute.store import ResultsStore
 from layerroute.tasks.base import Example, Task
 
-from .conftest import padded_batch, tiny_model
+from .conftest import altered_checkpoints, padded_batch, tiny_model
 from .test_objective import tok  # noqa: F401  (fixture)
 
 
@@ -102,8 +102,10 @@ def test_save_load_round_trip_gives_identical_routes_and_logits(base, tmp_path):
 
 def test_mismatched_corrupt_truncated_and_missing_files_are_refused(base, tmp_path):
     d = save_routers(tmp_path / "r", make_net(base))
-    with pytest.raises(RouterError, match="another checkpoint of the same shape"):
-        load_routers(d, tiny_model("llama", seed=1))
+    load_routers(d, tiny_model("llama"))  # an equal checkpoint (another object) loads
+    for other in {"all weights": tiny_model("llama", seed=1), **altered_checkpoints("llama")}.values():
+        with pytest.raises(RouterError, match="another checkpoint of the same shape"):
+            load_routers(d, other)
     with pytest.raises(RouterError, match="made for llama with 5 layers .* but the model is llama with 4 layers"):
         load_routers(d, tiny_model("llama", num_hidden_layers=4))
     weights = d / "routers.safetensors"
