@@ -100,6 +100,10 @@ def ratio(value) -> float:
     return _float_where(value, "a number in (0, 1]", lambda x: 0 < x <= 1)
 
 
+def unit_interval(value) -> float:
+    return _float_where(value, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+
+
 def open_ratio(value) -> float:
     return _float_where(value, "a number in (0, 1)", lambda x: 0 < x < 1)
 
@@ -231,11 +235,11 @@ def _each(check):
 CHECKS = {
     **dict.fromkeys(("batch_size", "limit", "max_new_tokens", "calib_limit", "val_limit", "batch_rows", "timesteps",
                      "n_envs", "n_steps", "workers", "obs_dim", "search_limit", "test_limit", "simulations", "trials",
-                     "epochs", "patience"), positive_int),
+                     "epochs", "patience", "max_edits"), positive_int),
     "refine_epochs": nonneg_int, "seed": seed, "bottleneck": router_size("bottleneck"),
     "windows": router_size("windows"),
     "temperature": positive_float, "lr": positive_float, "lam": nonneg_float,
-    "top_p": ratio, "val_share": open_ratio, "budgets": ratio_list, "budget": budget,
+    "top_p": ratio, "tau": unit_interval, "epsilon": unit_interval, "tau_limit": positive_int, "val_share": open_ratio, "budgets": ratio_list, "budget": budget,
     "fields": key_value_pairs, "output": output_dir, "device": device, "dtype": dtype, "model": model_name,
     "route": route_arg, "prompt": nonempty, "task": nonempty, "baseline": baseline_names,
     "baselines": baseline_names, "router": existing_path, "policy": existing_path, "labels": _each(existing_path),
@@ -327,7 +331,7 @@ def cmd_run(args) -> int:
     if args.router:  # trained routers pick the route from the prompt, once, at prefill
         from layerroute.routers import load_routers, route_prompts
 
-        route = route_prompts(load_routers(args.router, model), ex, ids)[0][0]
+        route = route_prompts(load_routers(args.router, model), ex, ids, tau=args.tau)[0][0]
     else:
         route = ex.route(args.route)
     out = ex.generate(ids, routes=route, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -414,6 +418,11 @@ def cmd_eval(args) -> int:
                                  f"{route.type} policy, which runs the blocks it chooses")
             if args.budget is not None:
                 route.budget = args.budget
+            if args.tau is not None:
+                if route.type != "router":
+                    raise InputError(f"--tau is the routers' confidence threshold; {policy} is a {route.type} "
+                                     f"policy, not routers")
+                route.tau = args.tau
         else:
             route = ex.route(args.route)
         what = {"policy": str(policy), "policy_type": route.type} if policy else {"route": route.to_dict()}
@@ -518,14 +527,19 @@ def cmd_train_ppo(args) -> int:
     from .store import ResultsStore, model_header
 
     task = _task(args)  # the arguments were checked by _validate (CHECKS) before
+    if args.mode == "edit" and args.budget is not None:
+        raise InputError("--budget does not apply to --mode edit (its episodes start from the full route); "
+                         "penalise compute with --lambda instead")
     out = args.output or f"runs/ppo-{args.task.replace(':', '-').replace('/', '-')}"
     with ResultsStore(out) as store:  # the single-writer lock, before the model loads
         model, tok = _load(args)
         ex = RouteExecutor(model)
         venv = LayerRoutingVecEnv(args.n_envs, ex, tok, task, mode=args.mode, reward=args.reward, lam=args.lam,
                                   budget=args.budget, limit=args.limit, seed=args.seed, obs_dim=args.obs_dim,
-                                  batch_rows=args.batch_rows)
+                                  max_edits=args.max_edits, batch_rows=args.batch_rows)
         settings = {k: v for k, v in _identity(args).items() if k not in ("timesteps", "device", "no_progress")}
+        if args.mode != "edit":  # stores of the other modes predate --max-edits and stay resumable
+            settings.pop("max_edits", None)
         store.open({"kind": "train-ppo", "settings": settings, **model_header(ex), "task": task.name,
                     "split": "search", "seed": args.seed}, overwrite=args.overwrite)
         if args.overwrite:
@@ -644,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route", default=None,
                    help="JSON file or spec: identity, skip:20-24, repeat:10, repeat:10x3, chain:0-9,9,10-29 (join with +)")
     p.add_argument("--router", default=None, help="a trained router directory: routers pick the route per prompt")
+    p.add_argument("--tau", type=float, default=None,
+                   help="with --router: skip or repeat a block only where the router is surer than tau (default: "
+                        "the tau saved with the routers)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -668,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of blocks a --baseline (default 0.8) or trained routers (default: their own) may run")
     p.add_argument("--calib-limit", type=int, default=CALIB_LIMIT, help="search-split examples a --baseline is "
                    "fitted on")
+    p.add_argument("--tau", type=float, default=None,
+                   help="with --router: skip or repeat a block only where the router is surer than tau (default: "
+                        "the tau saved with the routers)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("baselines", help="every static baseline at several budgets: table and PNG")
@@ -711,9 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_task_args(p)
     p.set_defaults(batch_size=256, limit=512)
-    p.add_argument("--mode", default="per_sample", choices=["per_sample", "cola", "per_token"],
+    p.add_argument("--mode", default="per_sample", choices=["per_sample", "cola", "per_token", "edit"],
                    help="per_sample: skip/execute/repeat per layer; cola: next block or stop; per_token: token "
-                        "groups per layer (not exportable as a policy)")
+                        "groups per layer (not exportable as a policy); edit: at most --max-edits skips or repeats "
+                        "of the full route")
+    p.add_argument("--max-edits", type=int, default=4, help="edit mode: edits per episode (K >= 1)")
     p.add_argument("--reward", default="margin", choices=["margin", "correct"])
     p.add_argument("--lambda", dest="lam", type=float, default=0.0, help="compute penalty per share of blocks")
     p.add_argument("--budget", default=None, help="hard budget: a share of blocks (0.8) or a block count (24)")

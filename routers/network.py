@@ -12,7 +12,14 @@ router, and the logits are averaged over the windows. The three outputs are
 ``[i, i]`` (one batched executor call per layer). The resulting route is then fixed for every
 decoded token, which keeps the KV cache consistent (Dr.LLM re-decides at every decode step).
 
-Budget: with a budget of ``B`` blocks, a layer may only take an action that still fits in what
+Confidence threshold ``tau`` (the routers' default rule since it was added): a block is skipped
+or repeated only where the router's probability for that action exceeds ``tau``; otherwise it
+executes. So ``tau = 1`` runs the full model exactly, and unsure routers fall back to it.
+``train-router`` chooses ``tau`` on the validation split (``routers/tau.py``) and saves it in the
+config; ``--tau`` overrides it. A config saved before ``tau`` existed loads with a warning and
+keeps its old rule, the most likely action (``tau`` None).
+
+Budget (optional): with a budget of ``B`` blocks, a layer may only take an action that still fits in what
 is left (``B`` minus the blocks already chosen): a repeat the budget cannot pay for becomes an
 execute, and once the budget is spent every later layer is skipped. So routers that ask for
 more than ``B`` lose their *last* blocks; train them with the budget in mind. A route always
@@ -41,6 +48,7 @@ WEIGHTS_NAME = "routers.safetensors"
 CONFIG_TYPE = "router"
 CONFIG_VERSION = 1
 REPEAT_PASSES = 2  # passes of a block whose action is "repeat"
+LIMITS = {"bottleneck": 16384, "windows": 1024}  # sizes beyond these only exhaust memory (the default is 128, 8)
 
 
 class RouterError(LayerRouteError, ValueError):
@@ -63,6 +71,8 @@ class RouterConfig:
     input_norm: bool = _f(True, "RMS-normalise each window mean before the router (parameter-free); deep "
                                 "residual streams grow large, which slows training without it")
     budget: str | None = _f(None, "default compute budget at inference: a share (0.8) or a block count (24)")
+    tau: float | None = _f(None, "skip or repeat a block only where the router's probability for it exceeds tau, "
+                                 "else execute (chosen on validation; None: the most likely action)")
     base_model: str = _f("", "name or path of the base model the routers were trained on (informational)")
     model: dict = _f(None, "fingerprint of the base model (architecture, layers, hidden size)")
     weights_digest: str = _f("", "layerroute.models.weights_digest of the base checkpoint; another "
@@ -76,11 +86,13 @@ class RouterConfig:
         self.training = dict(self.training or {})
         for name in ("num_layers", "hidden_size", "bottleneck", "windows"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RouterError(f"router config: {name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIMITS.get(name, value):
+                raise RouterError(f"router config: {name} must be an integer in [1, {LIMITS.get(name, 'inf')}], "
+                                  f"got {value!r}")
         if not 0 <= self.dropout < 1:
             raise RouterError(f"router config: dropout must be in [0, 1), got {self.dropout!r}")
         Budget.parse(self.budget)
+        check_tau(self.tau, "router config: tau")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -96,6 +108,10 @@ class RouterConfig:
         if not isinstance(data.get("version"), int) or data["version"] > CONFIG_VERSION:
             raise RouterError(f"{source} has version {data.get('version')!r}; this layerroute reads router "
                               f"configs up to version {CONFIG_VERSION}")
+        if "tau" not in data:
+            warnings.warn(f"{source} was saved before routers had a confidence threshold (tau): it keeps its old rule, "
+                          f"the most likely action per block; pass --tau (e.g. 0.9) to fall back to executing a "
+                          f"block when the router is unsure", stacklevel=2)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -111,6 +127,13 @@ class RouterConfig:
         path = Path(directory) / CONFIG_NAME
         data = read_json(path, RouterError, f"{directory} holds no saved routers: {CONFIG_NAME} is missing")
         return cls.from_dict(data, str(path))
+
+
+def check_tau(tau, what: str = "--tau") -> float | None:
+    """``tau`` if it is None or a number in [0, 1]; else a RouterError naming ``what``."""
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
+        raise RouterError(f"{what} must be a number in [0, 1] (1: never skip or repeat), got {tau!r}")
+    return tau
 
 
 def window_means(hidden: torch.Tensor, mask: torch.Tensor, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,25 +205,32 @@ class Walk:
         return [Route(chain, executor.fingerprint) for chain in self.chains()]
 
 
-def _choose(logits: torch.Tensor, used: torch.Tensor, max_blocks: int | None, last: bool) -> torch.Tensor:
-    """Passes [B] of one layer: the best action the budget still pays for (see the module docstring)."""
+def _choose(logits: torch.Tensor, used: torch.Tensor, max_blocks: int | None, last: bool,
+            tau: float | None = None) -> torch.Tensor:
+    """Passes [B] of one layer: with ``tau``, skip or repeat where its probability exceeds ``tau``,
+    else execute; without, the most likely action; either within what the budget still pays for."""
     cost = torch.tensor([0, 1, REPEAT_PASSES], device=logits.device)
     allowed = torch.ones_like(logits, dtype=torch.bool)
     if max_blocks is not None:
         allowed = cost[None, :] <= (max_blocks - used)[:, None]
     if last:  # a route runs at least one block
         allowed[:, 0] &= used > 0
-    return cost[logits.masked_fill(~allowed, float("-inf")).argmax(-1)]
+    score = logits
+    if tau is not None:  # execute scores tau: a skip or repeat wins only above it (unwanted ones score -1)
+        p = logits.float().softmax(-1)
+        score = torch.where(p > tau, p, torch.full_like(p, -1.0))
+        score[:, 1] = tau
+    return cost[score.masked_fill(~allowed, float("-inf")).argmax(-1)]
 
 
 @torch.no_grad()
 def walk(executor: RouteExecutor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
          net: RouterNetwork | None = None, *, forced: torch.Tensor | None = None, budget=None,
-         collect: bool = False, windows: int | None = None, prefill: bool = False) -> Walk:
+         collect: bool = False, windows: int | None = None, prefill: bool = False, tau: float | None = None) -> Walk:
     """Walk the prompt through the model once, block by block, deciding each block per sample.
 
     With ``net``, router ``i`` decides block ``i`` from the state it reached (``budget`` caps
-    the blocks); with ``forced`` ([B, L] passes, e.g. a searched route), the walk follows it
+    the blocks, ``tau`` is its confidence threshold); with ``forced`` ([B, L] passes, e.g. a searched route), the walk follows it
     (teacher forcing). ``collect`` keeps the window means each router read. ``prefill`` keeps
     the walk's KV cache and last logits (``Walk.prefill``), so generation does not run the
     prompt again.
@@ -226,7 +256,7 @@ def walk(executor: RouteExecutor, input_ids: torch.Tensor, attention_mask: torch
         if net is not None:
             lg = net.layer_logits(i, means, valid)
             logits.append(lg)
-            c = _choose(lg, used, max_blocks, last=i == L - 1)
+            c = _choose(lg, used, max_blocks, last=i == L - 1, tau=tau)
         else:
             c = forced[:, i].to(mask.device).long()
         if collect:
@@ -245,8 +275,10 @@ def walk(executor: RouteExecutor, input_ids: torch.Tensor, attention_mask: torch
 
 def route_prompts(net: RouterNetwork, executor: RouteExecutor, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, budget=None,
-                  prefill: bool = False) -> tuple[list[Route], Walk]:
-    """One route per prompt of a left-padded batch, decided by the routers at prefill."""
+                  prefill: bool = False, tau: float | None = None) -> tuple[list[Route], Walk]:
+    """One route per prompt of a left-padded batch, decided by the routers at prefill (``budget`` and
+    ``tau`` default to the routers' config)."""
     result = walk(executor, input_ids, attention_mask, net,
-                  budget=budget if budget is not None else net.config.budget, prefill=prefill)
+                  budget=budget if budget is not None else net.config.budget, prefill=prefill,
+                  tau=check_tau(tau) if tau is not None else net.config.tau)
     return result.routes(executor), result

@@ -29,10 +29,10 @@ from layerroute.errors import FingerprintMismatchError
 from layerroute.executor import RouteExecutor
 from layerroute.models import ModelFingerprint, model_fingerprint
 from layerroute.route import Route
-from layerroute.store import check_weights_digest, read_safetensors
+from layerroute.store import check_tensors, check_weights_digest, describe_file, read_safetensors
 from layerroute.policies.base import RoutingPolicy, register_policy
 
-from .network import CONFIG_NAME, WEIGHTS_NAME, RouterConfig, RouterError, RouterNetwork, route_prompts
+from .network import CONFIG_NAME, WEIGHTS_NAME, RouterConfig, RouterError, RouterNetwork, check_tau, route_prompts
 
 
 def save_routers(directory: str | Path, net: RouterNetwork) -> Path:
@@ -43,6 +43,11 @@ def save_routers(directory: str | Path, net: RouterNetwork) -> Path:
 def load_routers(directory: str | Path, model: nn.Module) -> RouterNetwork:
     """Routers saved in ``directory``, checked against the frozen ``model`` (see the module docstring)."""
     directory = Path(directory)
+    if directory.is_file():
+        what = describe_file(directory)
+        raise RouterError(f"{directory} is {what}, not a router directory (train-router writes one, with "
+                          f"{CONFIG_NAME} and {WEIGHTS_NAME})" + ("; run a route with --route" if what == "a route "
+                                                                   "file" else ""))
     if not directory.is_dir():
         raise RouterError(f"router directory {directory} does not exist")
     config = RouterConfig.load(directory)
@@ -51,18 +56,13 @@ def load_routers(directory: str | Path, model: nn.Module) -> RouterNetwork:
     except FingerprintMismatchError as exc:
         raise RouterError(f"{directory}: {exc}") from None
     check_weights_digest(model, config.weights_digest, directory, RouterError,
-                         f"router ({config.base_model or 'unnamed base'})")
+                         f"router ({config.base_model or 'unnamed base'})", "train the routers again on this "
+                         "checkpoint (layerroute train-router)")
     path = directory / WEIGHTS_NAME
     tensors = read_safetensors(path, RouterError,
                                f"{directory}: the router weights {WEIGHTS_NAME} are missing")
     net = RouterNetwork(config)
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if got != expected:
-        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
-        raise RouterError(f"{path} does not match {CONFIG_NAME}: missing {missing[:3]}, unexpected {extra[:3]}, "
-                          f"wrong shape {wrong[:3]}")
+    check_tensors(tensors, net.state_dict(), path, RouterError, CONFIG_NAME)
     net.load_state_dict(tensors)
     return net.to(next(model.parameters()).device).eval().requires_grad_(False)
 
@@ -73,11 +73,11 @@ class RouterPolicy(RoutingPolicy):
 
     type = "router"
 
-    def __init__(self, net: RouterNetwork, budget=None):
-        self.net, self.budget = net, budget
+    def __init__(self, net: RouterNetwork, budget=None, tau: float | None = None):
+        self.net, self.budget, self.tau = net, budget, check_tau(tau)
 
     def route_batch(self, executor, input_ids, attention_mask):
-        return route_prompts(self.net, executor, input_ids, attention_mask, self.budget)[0]
+        return route_prompts(self.net, executor, input_ids, attention_mask, self.budget, tau=self.tau)[0]
 
     def config(self) -> dict:
         return {"model": dict(self.net.config.model), "router_config": CONFIG_NAME}
@@ -120,17 +120,17 @@ _GENERATE_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "eos_token_i
 class RoutedModel(nn.Module):
     """A frozen causal LM whose routers pick each sample's route at prefill; see the module docstring."""
 
-    def __init__(self, base: nn.Module, routers: RouterNetwork, tokenizer=None, budget=None):
+    def __init__(self, base: nn.Module, routers: RouterNetwork, tokenizer=None, budget=None, tau: float | None = None):
         super().__init__()
         self.base = base.eval().requires_grad_(False)
         self.routers = routers.eval().requires_grad_(False)
         self.executor = RouteExecutor(base)
-        self.tokenizer, self.budget = tokenizer, budget
+        self.tokenizer, self.budget, self.tau = tokenizer, budget, check_tau(tau)
         self._routing = True
 
     @classmethod
     def from_pretrained(cls, base_model_or_path, router_dir: str | Path, *, device: str = "cpu", dtype=None,
-                        budget=None, trust_remote_code: bool = False) -> RoutedModel:
+                        budget=None, tau: float | None = None, trust_remote_code: bool = False) -> RoutedModel:
         """Wrap an already-loaded HF model, or load one by name or path with ``layerroute.load_model``."""
         tokenizer = None
         if isinstance(base_model_or_path, (str, Path)):
@@ -138,7 +138,7 @@ class RoutedModel(nn.Module):
 
             base_model_or_path, tokenizer = load_model(str(base_model_or_path), device=device, dtype=dtype,
                                                        trust_remote_code=trust_remote_code)
-        return cls(base_model_or_path, load_routers(router_dir, base_model_or_path), tokenizer, budget)
+        return cls(base_model_or_path, load_routers(router_dir, base_model_or_path), tokenizer, budget, tau)
 
     @property
     def config(self):
@@ -159,7 +159,7 @@ class RoutedModel(nn.Module):
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[Route]:
         """The route the routers pick for each prompt of a (left-padded) batch."""
-        return route_prompts(self.routers, self.executor, input_ids, attention_mask, self.budget)[0]
+        return route_prompts(self.routers, self.executor, input_ids, attention_mask, self.budget, tau=self.tau)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 logits_to_keep: int = 0, **kwargs) -> RoutedCausalLMOutput:
@@ -169,7 +169,8 @@ class RoutedModel(nn.Module):
                             **kwargs)
             return RoutedCausalLMOutput(out.logits)
         _unsupported(kwargs, "forward")
-        routes, decided = route_prompts(self.routers, self.executor, input_ids, attention_mask, self.budget)
+        routes, decided = route_prompts(self.routers, self.executor, input_ids, attention_mask, self.budget,
+                                        tau=self.tau)
         out = self.executor(input_ids, attention_mask, routes, logits_to_keep=logits_to_keep)
         return RoutedCausalLMOutput(out.logits, routes, decided.logits)
 
@@ -192,7 +193,7 @@ class RoutedModel(nn.Module):
         if not opts["do_sample"]:
             opts.update(do_sample=False, temperature=1.0, top_k=None, top_p=None)
         routes, decided = route_prompts(self.routers, self.executor, input_ids, attention_mask, self.budget,
-                                        prefill=True)
+                                        prefill=True, tau=self.tau)
         return self.executor.generate(input_ids, attention_mask, routes, max_new_tokens=max_new_tokens or 20,
                                       seed=seed, prefill=decided.prefill,
                                       **{**opts, "temperature": opts["temperature"] or 1.0}).sequences

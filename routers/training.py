@@ -396,6 +396,18 @@ def train_router_command(args, load) -> int:
         executor, tok, labels, bottleneck=args.bottleneck, windows=args.windows, budget=args.budget,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
         refine_epochs=args.refine_epochs, val_share=args.val_share, seed=args.seed, base_model=args.model)
+    if args.tau is not None:
+        net.config.tau = args.tau
+        print(f"tau {args.tau} (given with --tau)")
+    else:
+        from .tau import calibrate_tau
+
+        cal = calibrate_tau(net, executor, tok, labels.task(), labels.seed, limit=args.tau_limit, epsilon=args.epsilon)
+        full, chosen = cal["sweep"][0], cal["chosen"]
+        print(f"tau {cal['tau']}: chosen on {chosen['n']} validation samples as the most compute saved within "
+              f"{100 * args.epsilon:g} points of the full model ({100 * chosen['accuracy']:.1f}% at "
+              f"{chosen['mean_blocks']:.2f} blocks; full model {100 * full['accuracy']:.1f}% at "
+              f"{full['mean_blocks']:.0f})")
     save_routers(out, net)
     refine = report.get("refinement")
     print(f"trained routers for {labels.task_spec}: {report['train_samples']} train / {report['val_samples']} "
@@ -429,5 +441,11 @@ def add_train_arguments(p) -> None:
                    help="share of the samples held out for early stopping when no store covers the validation split")
     p.add_argument("--bottleneck", type=int, default=128)
     p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--budget", default=None, help="default compute budget of the routers at inference")
+    p.add_argument("--budget", default=None, help="optional hard compute budget of the routers at inference")
+    p.add_argument("--tau", type=float, default=None,
+                   help="skip or repeat a block only where the router is surer than tau (in [0, 1]; default: chosen "
+                        "on the validation split)")
+    p.add_argument("--epsilon", type=float, default=0.01,
+                   help="tau is the most compute saved with validation accuracy at most this far below the full model's")
+    p.add_argument("--tau-limit", type=int, default=100, help="validation samples that choose tau")
     p.add_argument("--seed", type=int, default=0)
