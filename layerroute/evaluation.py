@@ -139,8 +139,10 @@ def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_siz
 
 def eval_header(executor: RouteExecutor, task, split: str, seed: int, settings: dict) -> dict:
     """The store header of an evaluation run: what defines its results."""
-    return {"kind": "eval", "settings": settings, "model": executor.fingerprint.to_dict(), "task": task.name,
-            "split": split, "seed": seed}
+    from .store import model_header
+
+    return {"kind": "eval", "settings": settings, **model_header(executor), "task": task.name, "split": split,
+            "seed": seed}
 
 
 def sample_records(store: ResultsStore) -> dict[str, SampleScore]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import math
 import os
 import shutil
 import tempfile
@@ -277,6 +278,76 @@ def check_gguf(path: Path) -> None:
         raise ModelFileError(f"GGUF file {path} is empty")
     if magic != b"GGUF":
         raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    need, size = _gguf_end(path), path.stat().st_size
+    if need > size:
+        raise ModelFileError(f"GGUF file {path} is truncated: its tensor data ends at byte {need:,} but the file has "
+                             f"{size:,} bytes; download or copy it again")
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+
+
+def _gguf_end(path: Path) -> int:
+    """The byte where a GGUF file's last tensor ends, read from its header (metadata and tensor
+    infos, strings skipped, no tensor read); ``ModelFileError`` if the header itself is cut or corrupt."""
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with path.open("rb") as f:
+        def read(fmt: str):
+            data = f.read(struct.calcsize(fmt))
+            if len(data) < struct.calcsize(fmt):
+                raise EOFError
+            return struct.unpack("<" + fmt, data)[0]
+
+        def skip_string():
+            f.seek(read("Q"), 1)
+
+        def skip_value(kind: int, depth: int = 0):
+            if kind in _GGUF_SCALARS:
+                f.seek(_GGUF_SCALARS[kind], 1)
+            elif kind == 8:
+                skip_string()
+            elif kind == 9 and depth == 0:
+                item, count = read("I"), read("Q")
+                if item in _GGUF_SCALARS:
+                    f.seek(_GGUF_SCALARS[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip_value(item, 1)
+            else:
+                raise ValueError(f"unknown metadata value type {kind}")
+
+        try:
+            f.seek(4)
+            version = read("I")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+            n_tensors, n_kv = read("Q"), read("Q")
+            alignment = 32
+            for _ in range(n_kv):
+                key = f.read(read("Q"))
+                kind = read("I")
+                if key == b"general.alignment" and kind == 4:
+                    alignment = read("I")
+                else:
+                    skip_value(kind)
+            end = 0
+            for _ in range(n_tensors):
+                skip_string()
+                dims = [read("Q") for _ in range(read("I"))]
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(read("I"))]
+                end = max(end, read("Q") + math.prod(dims) * size // block)
+            if f.tell() > path.stat().st_size:
+                raise EOFError
+            start = f.tell() + -f.tell() % max(1, alignment)
+        except EOFError:
+            raise ModelFileError(f"GGUF file {path} is truncated: it ends inside its metadata; download or copy it "
+                                 f"again") from None
+        except (ValueError, KeyError, OverflowError, MemoryError) as exc:
+            raise ModelFileError(f"GGUF file {path} is corrupt: cannot read its header ({exc})") from None
+    return start + end
 
 
 def check_model_name(name_or_path: str) -> None:
@@ -379,8 +450,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype=Non
     except OSError as exc:
         if not local:
             raise ModelNotFoundError(
-                f"cannot load model {name_or_path!r}: not a local path, and the hub is unreachable or has no such "
-                f"model ({str(exc).splitlines()[0]})") from None
+                f"unknown model {name_or_path!r}: not an embedded model ({', '.join(_EMBEDDED)}), not a local path, "
+                f"and the hub is unreachable or has no such model ({str(exc).splitlines()[0]})") from None
         raise ModelFileError(f"cannot read the config of {path}: {_first_line(exc)}") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(f"cannot read the config of {name_or_path}: {_first_line(exc)}") from exc

@@ -219,22 +219,29 @@ def _read_spec(spec: str, n: int | None) -> list[tuple[str, list[int], int]]:
         raise RouteError(f"empty route spec {spec!r}; use identity, skip:, repeat: or chain: (joined with +)")
     parts = []
     for part in filter(None, (p.strip() for p in spec.split("+"))):
-        op, _, arg = part.partition(":")
-        op = op.strip().lower()
+        name, _, arg = part.partition(":")
+        op = name.strip().lower()
         if op in ("identity", "full", "all") and not arg:
             continue
         if op == "skip":
             parts.append((op, _indices(arg, n, part), 0))
         elif op == "repeat":
-            idx, _, times = arg.partition("x")
-            k = _int(times, part) if times else 2
+            idx, x, times = arg.partition("x")
+            if x and not times.strip():
+                raise RouteError(f"{part!r}: no pass count after 'x'; write repeat:10x3, or repeat:10 for two passes")
+            k = _int(times, part) if x else 2
             if k < 2:
                 raise RouteError(f"{part!r}: a repeat runs a block at least twice")
             parts.append((op, _indices(idx, n, part), k))
         elif op == "chain":
             parts.append((op, _indices(arg, n, part, allow_repeats=True), 1))
+        elif Path(spec).is_dir():
+            raise RouteError(f"{spec} is a directory, not a route file (JSON) or a route spec")
+        elif "/" in spec:
+            raise RouteError(f"route file {spec} does not exist (and it is not a route spec)")
         else:
-            raise RouteError(f"unknown route action {op!r} in {spec!r}; use identity, skip:, repeat: or chain:")
+            raise RouteError(f"unknown route action {name.strip()!r} in {spec!r}; use identity, skip:, repeat: or "
+                             f"chain:")
     ops = {op for op, _, _ in parts}
     if "chain" in ops and ops & {"skip", "repeat"}:
         raise RouteError(f"{spec!r}: chain: cannot be combined with skip: or repeat:")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import time
 import warnings
@@ -82,16 +83,81 @@ def read_safetensors(path: str | Path, error: type[Exception], missing: str) -> 
                     f"save or copy it again") from None
 
 
-def check_weights_digest(model, digest: str | None, where, error: type[Exception], what: str) -> None:
-    """Refuse ``what`` (saved at ``where``, trained on weights with ``digest``) on a model whose
-    weights differ: it reads hidden states, so it only works on its own checkpoint."""
+def check_weights_digest(model, digest, where, error: type[Exception], what: str, redo: str) -> None:
+    """Refuse ``what`` (saved at ``where`` with the weights ``digest`` of the checkpoint it was made
+    on) on a model whose weights differ, or when it records no digest; ``redo`` says how to fix it."""
     from .models import weights_digest
 
-    mine = weights_digest(model) if digest else None
-    if digest and mine != digest:
-        raise error(f"{where}: this {what} was trained on another checkpoint of the same shape (weights digest "
-                    f"{digest}); this model's weights digest is {mine}. It reads the base model's hidden states, "
-                    f"so it only works on the checkpoint it was trained on")
+    if not isinstance(digest, str) or not digest:
+        raise error(f"{where}: this {what} records no weights digest (it was saved before layerroute required "
+                    f"one), so the checkpoint it was made on is unknown; {redo}")
+    mine = weights_digest(model)
+    if mine != digest:
+        raise error(f"{where}: this {what} was made on another checkpoint of the same shape (weights digest "
+                    f"{digest}); this model's weights digest is {mine}. It is only valid on the checkpoint it was "
+                    f"made on; {redo}")
+
+
+def check_store_weights(path, model) -> None:
+    """Refuse a results store whose header does not record ``model``'s weights digest."""
+    header, _ = read_store(path)
+    check_weights_digest(model, header.get("weights_digest"), path, StoreError, "results store",
+                         "search again on this checkpoint (the --model given here)")
+
+
+def model_header(executor) -> dict:
+    """What a store's header records of the model: its shape (fingerprint) and its weights digest,
+    so results and labels are never mixed across checkpoints of the same shape."""
+    from .models import weights_digest
+
+    return {"model": executor.fingerprint.to_dict(), "weights_digest": weights_digest(executor.model)}
+
+
+def check_tensors(tensors: dict, expected: dict, path, error: type[Exception], config: str) -> None:
+    """Refuse loaded weights that are not exactly ``expected`` (a freshly built module's state dict):
+    the same names and shapes, the same dtypes, and finite values only."""
+    import torch
+
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    if got != want:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+        raise error(f"{path} does not match {config}: missing {missing[:3]}, unexpected {extra[:3]}, "
+                    f"wrong shape {wrong[:3]}")
+    dtypes = sorted(k for k, v in tensors.items() if v.dtype != expected[k].dtype)
+    if dtypes:
+        k = dtypes[0]
+        raise error(f"{path}: tensor {k} is {tensors[k].dtype}, but {config} makes it {expected[k].dtype} "
+                    f"({len(dtypes)} tensor(s) of another dtype); the file was edited or not written by layerroute")
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise error(f"{path}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} tensor(s)); the weights are "
+                    f"corrupt or their training diverged, so they would route nothing sensible; train them again")
+
+
+def describe_file(path) -> str:
+    """What a file is (by its first bytes), for messages about a file given where another was expected."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+    except OSError as exc:
+        return f"an unreadable file ({exc.strerror or exc})"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a Stable-Baselines3 checkpoint, if it came from train-ppo's checkpoints/)"
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "a safetensors weights file"
+    text = head.decode("utf-8", "replace")
+    for candidate in (text.split("\n", 1)[0], text):  # the first line (JSONL), then the whole head (JSON)
+        try:
+            data = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        kind = data.get("format") if isinstance(data, dict) else None
+        return {FORMAT: "a layerroute results store (results.jsonl)",
+                "layerroute.route": "a route file"}.get(kind, "a JSON file")
+    return "a file that is not JSON"
 
 
 def _canonical(obj) -> str:
@@ -105,18 +171,18 @@ def read_store(path: str | Path) -> tuple[dict, list[dict]]:
         path = path / FILENAME
     if not path.is_file():
         raise StoreError(f"results store {path} does not exist")
-    header, records, _ = _parse(path)
+    header, records, _ = _parse(path, "it is not a finished results store")
     return header, records
 
 
-def _parse(path: Path) -> tuple[dict, list[dict], int]:
+def _parse(path: Path, fix: str = "remove it or pass --overwrite") -> tuple[dict, list[dict], int]:
     """Header, records, and the byte length of the intact part (a torn last line excluded)."""
     data = path.read_bytes()
     lines = data.split(b"\n")
     good = len(data) if data.endswith(b"\n") else len(data) - len(lines[-1])
     lines = lines[:-1]  # the last element is '' or a torn line
     if not lines:
-        raise StoreError(f"{path} is empty or has no complete header line; remove it or pass --overwrite")
+        raise StoreError(f"{path} is empty or has no complete header line; {fix}")
     try:
         header = json.loads(lines[0])
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -127,14 +193,46 @@ def _parse(path: Path) -> tuple[dict, list[dict], int]:
     if not isinstance(header.get("version"), int) or header["version"] > VERSION:
         raise StoreError(f"{path} has store version {header.get('version')!r}; this layerroute reads "
                          f"version {VERSION} or older")
-    records = []
+    records, seen = [], {}
+    blocks = (header.get("model") or {}).get("num_layers") if isinstance(header.get("model"), dict) else None
     for n, line in enumerate(lines[1:], 2):
         try:
             records.append(json.loads(line))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise StoreError(f"{path} line {n} is corrupt (not JSON) in the middle of the store; "
                              f"it was not written by layerroute's writer") from None
+        _check_record(records[-1], f"{path} line {n}", blocks if isinstance(blocks, int) else None, seen, n)
     return header, records, good
+
+
+def _check_record(record, where: str, num_layers: int | None, seen: dict, n: int) -> None:
+    """Refuse a record that layerroute's writer cannot have written: a key twice (it would be counted
+    twice), block indices outside the model, a NaN reward or margin."""
+    if not isinstance(record, dict):
+        raise StoreError(f"{where} is not a JSON object: the store was edited")
+    if "key" in record:
+        where = f"{where} (key {record['key']!r})"
+        key = _canonical(record["key"])
+        if key in seen and record.get("type") != "summary":
+            raise StoreError(f"{where} repeats the record of line {seen[key]}: a store holds one record per key, "
+                             f"so it was edited or concatenated; remove the repeated line")
+        seen[key] = n
+    layers = record.get("layers")
+    if layers is not None:
+        ok = isinstance(layers, list) and layers and all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 <= b < (num_layers or math.inf) for b in layers)
+        if not ok:
+            bad = next((b for b in layers if not (isinstance(b, int) and 0 <= b < (num_layers or math.inf))), None) \
+                if isinstance(layers, list) and layers else layers
+            blocks = f"blocks 0..{num_layers - 1}" if num_layers else "non-negative block indices"
+            raise StoreError(f"{where} has a route with block {bad!r}, but the store's model has {blocks}: the "
+                             f"record was edited or written for another model")
+    for part in (record, record.get("identity")):
+        for field in ("reward", "margin"):
+            value = part.get(field) if isinstance(part, dict) else None
+            if isinstance(value, float) and math.isnan(value):
+                raise StoreError(f"{where} has a NaN {field}: layerroute never stores one, so the store was edited "
+                                 f"or corrupted")
 
 
 class ResultsStore:
@@ -145,25 +243,40 @@ class ResultsStore:
     what does not (versions, times) and is never compared.
     """
 
-    def __init__(self, path: str | Path, header: dict, *, overwrite: bool = False, info: dict | None = None):
+    def __init__(self, path: str | Path, header: dict | None = None, *, overwrite: bool = False,
+                 info: dict | None = None):
         self.path = Path(path)
         if self.path.suffix != ".jsonl":
             self.path = self.path / FILENAME
-        self.header = {"format": FORMAT, "version": VERSION, **header}
+        self.header, self.records, self._fd = None, [], None
+        self._made = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path.with_name(self.path.name + ".lock"), "a")
+        lock = self.path.with_name(self.path.name + ".lock")
+        self._lock_made = not lock.exists()
+        self._lock = open(lock, "a")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
+            self._lock = None
             raise StoreError(f"{self.path} is being written by another process; wait for it or use another "
                              f"--output") from None
+        self._new = not (self.path.exists() and self.path.stat().st_size)  # (decided under the lock)
+        if header is not None:
+            self.open(header, overwrite=overwrite, info=info)
+
+    def open(self, header: dict, *, overwrite: bool = False, info: dict | None = None) -> ResultsStore:
+        """Write the header, or check it against the stored one and resume. ``ResultsStore(path)``
+        without a header takes only the single-writer lock, so a command can take it before it
+        loads a model (a second writer is refused at once) and call ``open`` once it knows the header."""
+        self.header = {"format": FORMAT, "version": VERSION, **header}
         try:
             self.records = self._open(overwrite, info or {})
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        return self
 
     def _open(self, overwrite: bool, info: dict) -> list[dict]:
         if self.path.exists() and self.path.stat().st_size and not overwrite:
@@ -199,11 +312,20 @@ class ResultsStore:
         os.fsync(self._fd)
         self.records.append(json.loads(line))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Release the store. ``failed``: the run failed, so a store it created but never wrote a record
+        to is removed with its lock file (a failed run leaves nothing behind)."""
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
-        if self._lock is not None:
+        if getattr(self, "_lock", None) is not None:
+            if failed and self._new and not self.records:  # still under the lock
+                self.path.unlink(missing_ok=True)
+                if self._lock_made:
+                    Path(self._lock.name).unlink(missing_ok=True)
+                for d in self._made:  # the folders it made, deepest first, if nothing else is in them
+                    if d.is_dir() and not any(d.iterdir()):
+                        d.rmdir()
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
@@ -211,8 +333,8 @@ class ResultsStore:
     def __enter__(self) -> ResultsStore:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def _describe_diff(key: str, old, new) -> str:

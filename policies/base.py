@@ -25,7 +25,7 @@ from layerroute.executor import RouteExecutor
 from layerroute.models import ModelFingerprint
 from layerroute.registry import Registry
 from layerroute.route import Route
-from layerroute.store import atomic_write, read_json
+from layerroute.store import atomic_write, describe_file, read_json
 
 CONFIG_NAME = "policy_config.json"
 
@@ -101,8 +101,12 @@ class StaticPolicy(RoutingPolicy):
 def load_policy(path: str | Path, executor: RouteExecutor) -> RoutingPolicy:
     """A saved policy for ``executor``'s model: a policy directory, or a route JSON file."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".json" and path.name != CONFIG_NAME:
-        return StaticPolicy(Route.load(path, executor.fingerprint))
+    if path.is_file() and path.name != CONFIG_NAME:
+        what = "a route file" if path.suffix == ".json" else describe_file(path)
+        if what == "a route file":
+            return StaticPolicy(Route.load(path, executor.fingerprint))
+        raise PolicyError(f"{path} is {what}, not a saved policy: give a policy directory (with {CONFIG_NAME}; "
+                          f"train-ppo exports one to OUT/policy, train-router writes one) or a route JSON file")
     config_path = path / CONFIG_NAME if path.is_dir() else path
     config = read_json(config_path, PolicyError, f"{path} is not a saved policy: {config_path.name} is missing")
     if not isinstance(config, dict) or config.get("type") not in POLICIES:

@@ -12,14 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from layerroute.envs.mdp import MDPSpec, ObsProjection, Progress, check_finite, observe, pool
 from layerroute.route import Route
-from layerroute.store import check_weights_digest, read_safetensors
+from layerroute.store import check_tensors, check_weights_digest, read_safetensors
 
-from .base import PolicyError, RoutingPolicy, register_policy
+from .base import CONFIG_NAME, PolicyError, RoutingPolicy, register_policy
 
 WEIGHTS = "policy.safetensors"
 
@@ -108,25 +109,39 @@ class PPOPolicy(RoutingPolicy):
     def save_weights(self, directory: Path) -> None:
         tensors = {f"actor.{k}": v.detach().cpu().contiguous() for k, v in self.actor.state_dict().items()}
         tensors.update({k: v.cpu().contiguous() for k, v in self.proj.tensors().items()})
-        save_file(tensors, str(directory / WEIGHTS), metadata={"format": "layerroute.ppo_policy"})
+        save_file(tensors, str(directory / WEIGHTS), metadata={"format": "layerroute.ppo_policy",
+                                                               "mode": self.spec.mode})
 
     @classmethod
     def from_config(cls, config, directory, executor):
         digest = config.get("weights_digest")
-        check_weights_digest(executor.model, digest, directory, PolicyError, "PPO policy")
-        tensors = read_safetensors(Path(directory) / WEIGHTS, PolicyError,
-                                   f"{directory} has no {WEIGHTS}: the policy's weights are missing")
+        check_weights_digest(executor.model, digest, directory, PolicyError, "PPO policy",
+                             "train it again on this checkpoint (layerroute train-ppo)")
+        path = Path(directory) / WEIGHTS
+        tensors = read_safetensors(path, PolicyError, f"{directory} has no {WEIGHTS}: the policy's weights are missing")
         try:
             arch, obs = config["arch"], config["obs"]
             actor = ActorNet(int(arch["obs_dim"]), int(arch["num_layers"]), int(arch["num_actions"]),
                              int(arch["features_dim"]), tuple(int(h) for h in arch["pi"]))
             spec = MDPSpec(config["mode"], int(config["num_layers"]), config.get("max_blocks"),
                            config.get("max_steps"), int(config.get("token_groups", 8)))
-            actor.load_state_dict({k[len("actor."):]: v for k, v in tensors.items() if k.startswith("actor.")})
-            proj = ObsProjection.from_tensors(tensors, {k: v for k, v in obs.items() if k != "dim"})
+            dim, hidden = int(obs["dim"]), executor.fingerprint.hidden_size
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise PolicyError(f"{directory}: the saved PPO policy is corrupt or incomplete ({type(exc).__name__}: "
                               f"{exc})") from None
+        with safe_open(str(path), "pt") as f:
+            saved = f.metadata() or {}
+        if actor.arch["num_actions"] != spec.num_actions or saved.get("mode", spec.mode) != spec.mode:
+            raise PolicyError(f"{directory}: the policy was trained in mode {saved.get('mode', '?')!r} (its actor has "
+                              f"{actor.arch['num_actions']} actions) but {CONFIG_NAME} says mode {spec.mode!r} "
+                              f"({spec.num_actions} actions): the config was edited; a policy runs only the mode it "
+                              f"was trained in")
+        expected = {f"actor.{k}": v for k, v in actor.state_dict().items()}
+        expected.update({"obs.mean": torch.empty(hidden), "obs.components": torch.empty(dim, hidden),
+                         "obs.scale": torch.empty(dim)})
+        check_tensors(tensors, expected, path, PolicyError, CONFIG_NAME)
+        actor.load_state_dict({k[len("actor."):]: v for k, v in tensors.items() if k.startswith("actor.")})
+        proj = ObsProjection.from_tensors(tensors, {k: v for k, v in obs.items() if k != "dim"})
         if spec.num_layers != executor.num_layers or proj.dim + 2 != actor.arch["obs_dim"]:
             raise PolicyError(f"{directory}: the policy's shapes do not fit {executor.fingerprint.describe()}")
         return cls(actor, proj, spec, executor.fingerprint, config.get("training"), digest)

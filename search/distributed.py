@@ -17,8 +17,11 @@ objective). It then
 
 Searchers must be deterministic per unit (seeded by ``(seed, key)``), so a Ray run gives the
 same records as a local run with the same seed. ``--workers N`` starts a local Ray;
-``--ray-address HOST:PORT`` joins a cluster whose reachability is checked first
-(``check_ray_address``), since ``ray.init`` at a dead address retries for minutes.
+``--ray-address HOST:PORT`` joins a cluster that is checked first, before the model loads and
+the store is made (``check_ray_head``: a TCP connect and a gRPC call to the head's GCS, 3 s each,
+then ``ray.init`` in a subprocess), since ``ray.init`` at a dead address retries for minutes and
+at something that is not a Ray head fails after 30 s or hangs. A head on this machine joined at ``127.0.0.1:PORT`` works
+whether it runs on the node's IP (Ray's default, which Ray's join goes through) or on loopback only.
 """
 
 from __future__ import annotations
@@ -61,6 +64,139 @@ def check_ray_address(address: str, timeout: float = 5.0) -> tuple[str, int]:
         raise DistributedError(f"no Ray cluster answers at {address} ({reason}; a TCP connect with a {timeout:g} s "
                                f"timeout); start one with `ray start --head` or check the address") from None
     return host, int(port)
+
+
+_JOIN = """
+import sys
+import ray
+from ray._private import ray_constants
+if sys.argv[2] == "loopback":
+    ray_constants.ENABLE_RAY_CLUSTER = False  # what _join does: stay on 127.0.0.1, as the head does
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(ray.cluster_resources().get("CPU", 0))
+"""
+_JOINED: dict[str, bool] = {}  # address -> joined on loopback, for the run that follows the check
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_only(address: str, host: str, port: int) -> bool:
+    """Whether to join on loopback. Ray joins ``127.0.0.1:PORT`` through this node's IP; a head
+    that runs on loopback only (its node IP is 127.0.0.1: its GCS listens there alone) is not
+    reachable that way, and is joined on 127.0.0.1 instead."""
+    if address.startswith("ray://") or not _is_loopback(host):
+        return False
+    from ray._private.services import get_node_ip_address
+
+    node_ip = get_node_ip_address()
+    try:
+        socket.create_connection((node_ip, port), timeout=1).close()
+    except OSError:
+        return not _is_loopback(node_ip)
+    return False
+
+
+def _token_auth() -> bool:
+    """Whether to join with Ray's token authentication. Ray enables it on a new head when a token
+    exists (``~/.ray/auth_token``, which any local ``ray.init`` writes), but a driver joining an
+    explicit address sends its token only with ``RAY_AUTH_MODE=token``; so send it whenever a
+    token is available and ``RAY_AUTH_MODE`` is unset (a head without authentication ignores it)."""
+    import os
+
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:  # a Ray without token authentication
+        return False
+    return os.environ.get("RAY_AUTH_MODE") is None and AuthenticationTokenLoader.instance().has_token(
+        ignore_auth_mode=True)
+
+
+def _not_a_gcs(address: str, timeout: float) -> str | None:
+    """None when a Ray head's GCS answers at ``address`` (a gRPC call for its cluster id: the id, or
+    a request for the auth token); else what answers there instead."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId", request_serializer=bytes,
+                                   response_deserializer=bytes)
+        try:
+            call(b"", timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:  # a head with token authentication
+                return None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return f"something accepts TCP connections there but did not answer in {timeout:g} s"
+            if code == grpc.StatusCode.UNAVAILABLE:
+                return "something answers there, but not in gRPC (an HTTP server?)"
+            return f"a gRPC server answers there, but not Ray's GCS ({code.name})"
+    return None
+
+
+def check_ray_head(address: str, timeout: float = 3.0, join_timeout: float = 60.0) -> bool:
+    """Check that ``address`` is a Ray head that this process can join, before anything is loaded:
+    a TCP connect, a gRPC call to the head's GCS (``timeout`` seconds each: a server that is not a
+    Ray head is refused at once, where ``ray.init`` would retry for 30 s or hang), then ``ray.init``
+    in a subprocess, killed after ``join_timeout``. Returns whether the join is on loopback
+    (``_loopback_only``); raises ``DistributedError`` saying why not."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    if address in ("auto", "local"):
+        return False
+    host, port = check_ray_address(address, timeout=timeout)
+    why = None if address.startswith("ray://") else _not_a_gcs(f"{host}:{port}", timeout)
+    if why:
+        raise DistributedError(f"{address} is not a Ray head: {why}; give the address that `ray start --head "
+                               f"--port PORT` prints (the head's GCS port)")
+    loopback = _loopback_only(address, host, port)
+    env = {**os.environ, **({"RAY_AUTH_MODE": "token"} if _token_auth() else {})}
+    proc = subprocess.Popen([sys.executable, "-c", _JOIN, address, "loopback" if loopback else "node-ip"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=join_timeout)
+    except subprocess.TimeoutExpired:
+        err = f"ray.init did not finish in {join_timeout:g} s"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the probe and anything it started: its own session
+            proc.communicate()
+    if proc.returncode:
+        lines = [line.strip() for line in err.splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")
+        raise DistributedError(f"cannot join the Ray head at {address} ({reason[:300]}); start the head with "
+                               f"`ray start --head --port {port}` and give --ray-address {host}:{port} on that machine "
+                               f"or the IP it prints elsewhere")
+    _JOINED[address] = loopback
+    return loopback
+
+
+def _join(ray, address: str) -> None:
+    """``ray.init`` at ``address``, on loopback where ``check_ray_head`` found the head there."""
+    from ray._private import ray_constants
+
+    loopback = _JOINED[address] if address in _JOINED else check_ray_head(address)
+    if _token_auth():
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()  # RAY_AUTH_MODE=token for this process, as check_ray_head's probe had it
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = old and not loopback  # False: Ray keeps 127.0.0.1 as this node's IP
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:  # the head went away since check_ray_head
+        raise DistributedError(f"cannot join the Ray head at {address}: {str(exc).splitlines()[0]}") from None
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
 
 
 def check_workers(workers: int | None, threads: int = 1) -> None:
@@ -166,7 +302,7 @@ class RaySearch:
         started = not ray.is_initialized()
         if started:
             if self.address:
-                ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+                _join(ray, self.address)
             else:
                 ray.init(num_cpus=self.workers * (1 if self.gpus else self.threads), include_dashboard=False,
                          logging_level="ERROR", log_to_driver=False)
@@ -249,7 +385,7 @@ def check_ray_args(workers: int | None, address: str | None, threads: int = 1) -
     check_workers(workers, threads)
     _import_ray()
     if address:
-        check_ray_address(address)
+        check_ray_head(address)
 
 
 def run_search_distributed(spec: SearchSpec, store: ResultsStore, workers: int | None = None,

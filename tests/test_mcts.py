@@ -205,7 +205,7 @@ def test_analyze_figures_by_hand(tmp_path):
                                 "model": {"num_layers": 4}, "settings": {}}) + "\n")
     with pytest.raises(AnalyzeError, match="no finished MCTS samples"):
         load_mcts(path)
-    path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in recs))
+    path.write_text(path.read_text() + "".join(json.dumps({**r, "key": f"s{i}"}) + "\n" for i, r in enumerate(recs)))
     assert len(load_mcts(path)[1]) == 5
 
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from layerroute import RouteExecutor
+from layerroute import RouteExecutor, load_model
 from layerroute.errors import RouteError
 from layerroute.cli import main
 from layerroute.models import weights_digest
@@ -214,9 +214,9 @@ def test_class_weights_follow_the_loaded_counts_and_focal_loss_weights_classes()
     assert focal_loss(logits, target, torch.ones(3), gamma=2.0) < ce.mean()
 
 
-def _store(path, task_spec, records, split="search", limit=None):
+def _store(path, task_spec, records, split="search", limit=None, digest=None):
     header = {"kind": "search:mcts", "settings": {"task": task_spec, "seed": 0, "limit": limit}, "model": {},
-              "task": task_spec, "split": split, "seed": 0}
+              "task": task_spec, "split": split, "seed": 0, "weights_digest": digest}
     with ResultsStore(path, header) as store:
         for r in records:
             store.append(r)
@@ -250,7 +250,7 @@ def test_train_router_cli_then_eval_and_run_with_the_router(tiny_dir, tmp_path, 
     task = get_task("suite", seed=0)
     records = [{"key": e.uid, "layers": [0, 1, 2, 4] if i % 2 else [0, 1, 1, 2, 3, 4]}
                for i, e in enumerate(task.split("search").examples[:12])]
-    _store(tmp_path / "labels", "suite", records)
+    _store(tmp_path / "labels", "suite", records, digest=weights_digest(load_model(str(tiny_dir))[0]))
     out = tmp_path / "routers"
     assert main(["train-router", "--model", str(tiny_dir), "--labels", str(tmp_path / "labels"), "--epochs", "2",
                  "--refine-epochs", "1", "--output", str(out)]) == 0
