@@ -75,7 +75,7 @@ if sys.argv[2] == "loopback":
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 print(ray.cluster_resources().get("CPU", 0))
 """
-_JOINED: dict[str, bool] = {}  # address -> joined on loopback, for the run that follows the check
+_JOINED: dict[str, bool] = {}  # address -> join on loopback: set by check_ray_head, taken by the next _join
 
 
 def _is_loopback(host: str) -> bool:
@@ -184,7 +184,7 @@ def _join(ray, address: str) -> None:
     """``ray.init`` at ``address``, on loopback where ``check_ray_head`` found the head there."""
     from ray._private import ray_constants
 
-    loopback = _JOINED[address] if address in _JOINED else check_ray_head(address)
+    loopback = _JOINED.pop(address) if address in _JOINED else check_ray_head(address)
     if _token_auth():
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
@@ -384,7 +384,7 @@ def check_ray_args(workers: int | None, address: str | None, threads: int = 1) -
     """Everything about a Ray run that can be refused before a model is loaded."""
     check_workers(workers, threads)
     _import_ray()
-    if address:
+    if address and address not in _JOINED:  # (checked already, for the join that follows)
         check_ray_head(address)
 
 
