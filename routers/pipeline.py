@@ -6,10 +6,13 @@
 2. **Train** routers on the robust labels (``routers/training.py``: a searched route is kept only
    where its gain beats chance; a seeded share of the searched samples is held out for early
    stopping), saved to ``OUT/routers/``.
-3. **Evaluate** on the *test* split (never searched): the full model, the routers (their mean
-   executed blocks measured), and the best static route at the routers' compute (``--baseline``,
+   Then **choose tau** (``routers/tau.py``): the routers' confidence threshold, on the *validation*
+   split: the most compute saved while accuracy stays within ``--epsilon`` of the full model.
+3. **Evaluate** on the *test* split (never searched): the full model, the routers at that tau
+   (their mean executed blocks measured), and the best static route at the routers' compute (``--baseline``,
    calibrated on the search split with ``k = round(router mean blocks)`` blocks).
-4. **Generate** one answer with ``RoutedModel`` (the route fixed at prefill).
+4. **Generate** one answer with ``RoutedModel`` (the route fixed at prefill; where the routers
+   are unsure, it is the full model's answer).
 
 Prints progress, then a summary table; writes ``OUT/summary.md`` and ``OUT/summary.json``.
 """
@@ -42,6 +45,7 @@ def run_pipeline(args, load) -> int:
     from layerroute.tasks.prompts import render_prompt
 
     from .routed_model import RoutedModel, RouterPolicy, save_routers
+    from .tau import calibrate_tau
     from .training import load_labels, train_routers
 
     t_start = time.perf_counter()
@@ -69,12 +73,17 @@ def run_pipeline(args, load) -> int:
           f"ORACLE {100 * oracle['gold'].get('oracle_accuracy', float('nan')):.1f}% with gold labels against "
           f"{100 * oracle['null'].get('oracle_accuracy', float('nan')):.1f}% with null labels (chance)")
 
-    step("2. Train routers (teacher forcing, then on-policy refinement)")
+    step("2. Train routers on the robust labels, then choose tau on the validation split")
     labels = load_labels([out / "search"], ex.fingerprint)  # robust: filtered against out/search-null
     print(f"robust labels: {labels.kept} of {labels.kept + labels.filtered} samples keep their searched route "
           f"(margin gain above {labels.threshold:.3f} nats, which at most 5% of null searches exceed)")
     net, report = train_routers(ex, tok, labels, epochs=args.epochs, budget=args.budget, seed=args.seed,
                                 refine_epochs=args.refine_epochs, base_model=args.model)
+    cal = calibrate_tau(net, ex, tok, task, args.seed, limit=args.tau_limit, epsilon=args.epsilon,
+                        batch_size=args.batch_size)
+    print(f"tau {cal['tau']}: the most compute saved on {cal['chosen']['n']} validation samples within "
+          f"{100 * args.epsilon:g} points of the full model ({100 * cal['chosen']['accuracy']:.1f}% at "
+          f"{cal['chosen']['mean_blocks']:.2f} blocks; full model {100 * cal['sweep'][0]['accuracy']:.1f}%)")
     save_routers(out / "routers", net)
     refine = report.get("refinement", {})
     print(f"routers: {report['parameters']:,} parameters ({100 * report['share_of_base']:.2f}% of the base); "
@@ -97,7 +106,7 @@ def run_pipeline(args, load) -> int:
 
     add("full model", evaluate(ex, tok, test, None, **ev))
     routed = evaluate(ex, tok, test, RouterPolicy(net), **ev)
-    add("routers", routed, "decides at prefill; time includes the routing walk")
+    add(f"routers (tau {net.config.tau})", routed, "decides at prefill; time includes the routing walk")
     k = max(1, min(ex.num_layers, round(routed.mean_blocks)))
     cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
     static = BASELINES[args.baseline](cal, k, args.seed)
@@ -145,7 +154,11 @@ def run_pipeline(args, load) -> int:
 def add_pipeline_arguments(p) -> None:
     p.add_argument("--task", default="suite", help="task to search, train and test on (default: the generated suite)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", default="0.8", help="compute budget of the routers: a share or a block count")
+    p.add_argument("--budget", default=None, help="optional hard compute budget of the routers: a share or a block "
+                   "count (default: none; tau decides)")
+    p.add_argument("--epsilon", type=float, default=0.01,
+                   help="tau: the most compute saved with validation accuracy at most this far below the full model's")
+    p.add_argument("--tau-limit", type=int, default=48, help="validation samples that choose tau")
     p.add_argument("--search-limit", type=int, default=24, help="search-split samples searched with MCTS")
     p.add_argument("--simulations", type=int, default=16, help="MCTS simulations per sample")
     p.add_argument("--epochs", type=int, default=30, help="router training epochs (early stopping on validation)")

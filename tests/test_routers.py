@@ -273,13 +273,13 @@ def test_pipeline_runs_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     out = tmp_path / "pipe"
     assert main(["pipeline", "--model", str(tiny_dir), "--search-limit", "6", "--simulations", "3",
                  "--epochs", "2", "--refine-epochs", "1", "--test-limit", "4", "--calib-limit", "3",
-                 "--baseline", "drop_last", "--max-new-tokens", "3", "--output", str(out)]) == 0
+                 "--baseline", "drop_last", "--max-new-tokens", "3", "--tau-limit", "4", "--output", str(out)]) == 0
     text = capsys.readouterr().out
-    for step in ("1. MCTS search", "2. Train routers", "3. Evaluate", "4. Generate", "| routers |",
+    for step in ("1. MCTS search", "2. Train routers", "tau ", "3. Evaluate", "4. Generate", "| routers (tau ",
                  "| full model |", "drop_last static route", "ORACLE, reads labels: upper bound",
                  "null labels: its chance level", "robust labels:"):
         assert step in text
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["method"] for r in summary["rows"]][:2] == ["full model", "routers"]
+    assert summary["rows"][0]["method"] == "full model" and summary["rows"][1]["method"].startswith("routers (tau ")
     assert summary["rows"][0]["mean_blocks"] == 5
     RoutedModel.from_pretrained(str(tiny_dir), out / "routers")  # the saved routers load on their base
