@@ -110,12 +110,16 @@ def _token_auth() -> bool:
     token is available and ``RAY_AUTH_MODE`` is unset (a head without authentication ignores it)."""
     import os
 
+    return os.environ.get("RAY_AUTH_MODE") is None and _token_available()
+
+
+def _token_available() -> bool:
+    """Whether Ray finds an auth token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)."""
     try:
         from ray._raylet import AuthenticationTokenLoader
     except ImportError:  # a Ray without token authentication
         return False
-    return os.environ.get("RAY_AUTH_MODE") is None and AuthenticationTokenLoader.instance().has_token(
-        ignore_auth_mode=True)
+    return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
 
 
 def _not_a_gcs(address: str, timeout: float) -> str | None:
@@ -130,7 +134,11 @@ def _not_a_gcs(address: str, timeout: float) -> str | None:
             call(b"", timeout=timeout)
         except grpc.RpcError as exc:
             code = exc.code()
-            if code == grpc.StatusCode.UNAUTHENTICATED:  # a head with token authentication
+            if code == grpc.StatusCode.UNAUTHENTICATED and not _token_available():
+                raise DistributedError(f"the Ray head at {address} requires token authentication, and no token is "
+                                       f"set here: put the head's token (`ray get-auth-token` there) in "
+                                       f"RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
+            if code == grpc.StatusCode.UNAUTHENTICATED:  # a head with token authentication: the join sends it
                 return None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return f"something accepts TCP connections there but did not answer in {timeout:g} s"

@@ -262,6 +262,39 @@ def test_an_address_that_is_not_a_ray_head_fails_within_10_s(d, tmp_path, capsys
     assert not (tmp_path / "out").exists()  # no header-only store
 
 
+def test_a_grpc_server_that_is_not_a_ray_head_and_a_head_wanting_a_token_are_refused_at_once(monkeypatch):
+    """gRPC servers on 127.0.0.1: one without Ray's GCS service, one that asks for a token like a Ray head
+    with token authentication (when this machine has no token)."""
+    import grpc
+    from concurrent import futures
+
+    from layerroute.search import distributed
+    from layerroute.search.distributed import DistributedError, check_ray_head
+
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "InvalidAuthToken: Authentication token is missing")
+
+    servers = {kind: grpc.server(futures.ThreadPoolExecutor(1)) for kind in ("plain", "token")}
+    servers["token"].add_generic_rpc_handlers([grpc.method_handlers_generic_handler("ray.rpc.NodeInfoGcsService", {
+        "GetClusterId": grpc.unary_unary_rpc_method_handler(refuse, bytes, bytes)})])
+    ports = {kind: server.add_insecure_port("127.0.0.1:0") for kind, server in servers.items()}
+    for server in servers.values():
+        server.start()
+    monkeypatch.setattr(distributed, "_token_available", lambda: False)
+    try:
+        t = time.monotonic()
+        with pytest.raises(DistributedError, match=rf"^127.0.0.1:{ports['plain']} is not a Ray head: a gRPC server "
+                                                   rf"answers there, but not Ray's GCS \(UNIMPLEMENTED\)"):
+            check_ray_head(f"127.0.0.1:{ports['plain']}")
+        with pytest.raises(DistributedError, match=rf"^the Ray head at 127.0.0.1:{ports['token']} requires token "
+                                                   rf"authentication, and no token is set here"):
+            check_ray_head(f"127.0.0.1:{ports['token']}")
+        assert time.monotonic() - t < 10
+    finally:
+        for server in servers.values():
+            server.stop(None)
+
+
 def test_the_store_lock_is_taken_before_the_model_loads(d, tmp_path, capsys, monkeypatch):
     def load_model(*a, **kw):
         raise AssertionError("the model was loaded before the store's lock was taken")
