@@ -35,12 +35,20 @@ def _header(args, task, ex, kind: str, settings: dict) -> dict:
 
 def run_pipeline(args, load) -> int:
     """The pipeline on ``args`` (see ``layerroute pipeline -h``); ``load(args)`` gives (model, tokenizer)."""
+    from layerroute.store import ResultsStore
+
+    out = Path(args.output)
+    with ResultsStore(out / "search") as gold, ResultsStore(out / "search-null") as null:  # locks before the model
+        return _run_pipeline(args, load, {"search": gold, "search-null": null})
+
+
+def _run_pipeline(args, load, stores: dict) -> int:
     from layerroute.evaluation import evaluate, wilson_interval
     from layerroute.executor import RouteExecutor
     from layerroute.objective import Objective
     from layerroute.search import get_searcher, run_search
     from layerroute.search.baselines import BASELINES
-    from layerroute.store import ResultsStore, atomic_write
+    from layerroute.store import atomic_write
     from layerroute.tasks import get_task
     from layerroute.tasks.prompts import render_prompt
 
@@ -67,7 +75,7 @@ def run_pipeline(args, load) -> int:
         searcher = searcher_cls(obj, config, seed=args.seed)
         header = {**_header(args, task, ex, "search:mcts", {"limit": args.search_limit, "reward": "margin",
                                                              "lam": 0.0, **searcher.settings()}), "labels": kind}
-        with ResultsStore(out / folder, header, overwrite=args.overwrite) as store:
+        with stores[folder].open(header, overwrite=args.overwrite) as store:
             oracle[kind] = run_search(searcher, store)
     print(f"on the searched samples: full model {100 * oracle['gold'].get('identity_accuracy', float('nan')):.1f}%, "
           f"ORACLE {100 * oracle['gold'].get('oracle_accuracy', float('nan')):.1f}% with gold labels against "

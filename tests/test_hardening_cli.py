@@ -305,6 +305,10 @@ def test_the_store_lock_is_taken_before_the_model_loads(d, tmp_path, capsys, mon
         for argv in (["eval", *common], ["baselines", *common], ["search", "mcts", *common],
                      ["train-ppo", *common, "--timesteps", "8"]):
             _one_error_line(capsys, main(argv), argv, r"run/results.jsonl is being written by another process")
+    with ResultsStore(tmp_path / "pipe" / "search-null"):
+        argv = ["pipeline", "--model", str(d / "model"), "--output", str(tmp_path / "pipe")]
+        _one_error_line(capsys, main(argv), argv, r"pipe/search-null/results.jsonl is being written by another")
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["search-null"]  # its own lock file: gone
 
 
 def test_a_failed_run_leaves_no_header_only_store(tmp_path):
