@@ -1,6 +1,6 @@
 """The routing MDP itself, shared by the environments and the exported PPO policy (torch only).
 
-Three modes:
+Four modes:
 
 ``per_sample`` (the Dr.LLM space)
     An episode walks the layers ``0..L-1`` of one prompt; at layer ``t`` the action is
@@ -17,8 +17,23 @@ Three modes:
     unchanged through the executor's ``token_mask``. Compute is the executed (token, block)
     pairs divided by the sample's tokens, in blocks. The token mask changes what is computed,
     not its cost: the dense block still runs on every token, so this mode saves no wall time yet.
+``edit`` (edits of the full route, as MCTS's edit space)
+    An episode starts from the full route ``0..L-1`` and makes at most ``max_edits`` (K,
+    default 4) edits, then ends; it ends earlier at a stop. Edits never reorder, so the route is
+    always non-decreasing and is fully described by the passes of each block. The position
+    ``p`` of an edit is a *block index* ``0..L-1`` (so an action means the same block whatever
+    edits came before). Actions, ``Discrete(2L + 1)``: ``p`` (``0 <= p < L``) skips block ``p``
+    (one pass fewer), ``L + p`` repeats block ``p`` (one pass more, run right after its other
+    passes), ``2L`` stops. One skip or repeat is one edit of ``search/mcts.py``'s
+    ``EditTree.actions`` (skip one entry, or repeat one entry once). **Invalid edits stop**: a
+    skip or repeat of a block with no pass left in the route, or a skip that would leave no
+    block, ends the episode on the route as it is (deterministic; it counts as no edit). The
+    reward comes at the end: the objective's reward of the final route minus the full route's,
+    that is the margin gain over the full route minus ``lambda x (blocks - L) / L`` (so, with
+    ``lambda > 0``, saving blocks pays and repeating costs). No hard budget (episodes start at
+    ``L`` blocks); K < 1 is an error.
 
-Rules every mode shares:
+Rules every mode shares (the budget and at-least-one rules are enforced by the edit rules above in ``edit``):
 
 * **Hard budget.** With a budget of ``B`` blocks, an action that would exceed it is cut down:
   repeat becomes execute, then skip (``per_sample``); a step that would run more pairs than
@@ -31,7 +46,12 @@ Rules every mode shares:
   the prompt, centred and projected on the top ``obs_dim`` principal components fitted once,
   on identity-route states of the first ``fit_samples`` search samples, whitened and clipped
   to +-``CLIP``); ``position`` is the next layer over ``L`` (``cola``: one past the last block
-  run over ``L``) and ``compute`` the blocks used so far over ``L``.
+  run over ``L``) and ``compute`` the blocks used so far over ``L``. In ``edit`` mode it is
+  ``[z_1 .. z_m, passes - 1, position, compute]``: ``z_j`` the same projection of the full
+  route's state after ``edit_points[j]`` blocks (``m = obs_points``, evenly spaced, the last
+  after block ``L-1``; computed once per sample), then each block's passes in the current route
+  minus one (``L`` values: -1 skipped, 0 as in the full route, k repeated k more times), the
+  edits made so far over ``L`` and the route's blocks over ``L``.
 """
 
 from __future__ import annotations
@@ -42,7 +62,7 @@ import torch
 
 from layerroute.errors import LayerRouteError
 
-MODES = ("per_sample", "cola", "per_token")
+MODES = ("per_sample", "cola", "per_token", "edit")
 CLIP = 10.0
 COUNTS = (0, 1, 2)  # per_sample: passes of the layer for skip / execute / repeat
 
@@ -73,6 +93,8 @@ class MDPSpec:
     max_blocks: int | None = None
     max_steps: int | None = None  # cola only; default 2L
     token_groups: int = 8  # per_token only
+    max_edits: int = 4  # edit only: K
+    obs_points: int = 4  # edit only: full-route states observed
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -84,11 +106,52 @@ class MDPSpec:
             object.__setattr__(self, "max_steps", steps)
         if self.mode == "per_token" and (not isinstance(self.token_groups, int) or self.token_groups < 1):
             raise EnvError(f"token_groups must be a positive integer, got {self.token_groups!r}")
+        if self.mode == "edit":
+            for name, value, high in (("max_edits", self.max_edits, None), ("obs_points", self.obs_points,
+                                                                             self.num_layers)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (high and value > high):
+                    raise EnvError(f"{name} must be an integer of at least 1{f' and at most {high}' if high else ''}"
+                                   f", got {value!r}")
+            if self.max_blocks is not None:
+                raise EnvError(f"mode 'edit' takes no hard budget: its episodes start from the full route "
+                               f"({self.num_layers} blocks); penalise compute with lambda instead")
 
     @property
     def num_actions(self) -> int:
         """Size of the one flat action vector's range: Discrete(n) or MultiBinary(n)."""
-        return {"per_sample": 3, "cola": self.num_layers + 1, "per_token": self.token_groups}[self.mode]
+        return {"per_sample": 3, "cola": self.num_layers + 1, "per_token": self.token_groups,
+                "edit": 2 * self.num_layers + 1}[self.mode]
+
+    def obs_size(self, proj_dim: int) -> int:
+        """Length of the observation vector, given the projection's size."""
+        if self.mode == "edit":
+            return len(self.edit_points) * proj_dim + self.num_layers + 2
+        return proj_dim + 2
+
+    @property
+    def edit_points(self) -> tuple[int, ...]:
+        """``edit``: the full route's blocks run before each observed state (evenly spaced, the last ``L``)."""
+        L, m = self.num_layers, self.obs_points
+        return tuple(sorted({max(1, k * L // m) for k in range(1, m + 1)}))
+
+    def start(self) -> Progress:
+        """The progress of a new episode: nothing run, or (``edit``) the full route and no edit."""
+        L = self.num_layers
+        return Progress(0, float(L), tuple(range(L))) if self.mode == "edit" else Progress()
+
+    def edit(self, p: Progress, action: int) -> tuple[Progress, bool]:
+        """``edit`` mode: the progress after one action (``t`` counts the edits made) and whether the
+        episode ends (a stop, an invalid edit, or the K-th edit); see the module docstring."""
+        L, a, chain = self.num_layers, int(action), p.chain
+        if 0 <= a < 2 * L:
+            block, skip = a % L, a < L
+            n = chain.count(block)
+            if n and not (skip and len(chain) == 1):
+                i = chain.index(block)
+                chain = chain[:i] + chain[i + 1:] if skip else chain[:i + n] + (block,) + chain[i + n:]
+                q = Progress(p.t + 1, float(len(chain)), chain)
+                return q, q.t >= self.max_edits
+        return p, True  # stop, or an invalid edit: the route stays as it is
 
     def left(self, p: Progress) -> float:
         return float("inf") if self.max_blocks is None else self.max_blocks - p.blocks
@@ -114,6 +177,11 @@ class MDPSpec:
     def features(self, p: Progress) -> list[float]:
         """``[position, compute]`` of the observation."""
         L = self.num_layers
+        if self.mode == "edit":  # [passes - 1 per block, edits / L, blocks / L]
+            passes = [0] * L
+            for b in p.chain:
+                passes[b] += 1
+            return [min(n - 1.0, CLIP) for n in passes] + [p.t / L, min(p.blocks / L, CLIP)]
         pos = (p.last + 1) / L if self.mode == "cola" else p.t / L
         return [pos, min(p.blocks / L, CLIP)]
 
@@ -168,9 +236,24 @@ class ObsProjection:
 
 
 def observe(spec: MDPSpec, proj: ObsProjection, pooled: torch.Tensor, progress) -> torch.Tensor:
-    """Observations [B, obs_dim + 2] (float32, CPU) from pooled states [B, H] and each row's progress."""
+    """Observations [B, spec.obs_size(proj.dim)] (float32, CPU) from pooled states [B, H] (``edit``:
+    [B, m, H], the full route's states at ``spec.edit_points``) and each row's progress."""
     feats = torch.tensor([spec.features(p) for p in progress], dtype=torch.float32)
-    return torch.cat([proj(pooled).cpu(), feats], dim=1)
+    return torch.cat([proj(pooled).flatten(1).cpu(), feats], dim=1)
+
+
+def full_route_points(points, state, advance, read) -> tuple[list, torch.Tensor]:
+    """Walk the full route from ``state`` (no block run), stopping after each of ``points`` blocks:
+    the states there and ``read`` of each, stacked [B, len(points), ...]. ``advance(state, chain)``
+    runs the same blocks on every row."""
+    states, out, ran = [], [], 0
+    for k in points:
+        state = advance(state, tuple(range(ran, k)))
+        out.append(read(state))
+        check_finite(out[-1], f"after block {k - 1} of the full route")
+        states.append(state)
+        ran = k
+    return states, torch.stack(out, 1)
 
 
 def check_finite(hidden: torch.Tensor, where: str) -> None:
@@ -185,4 +268,4 @@ def fresh_progress(n: int) -> list[Progress]:
 
 
 __all__ = ["CLIP", "EnvError", "MDPSpec", "MODES", "ObsProjection", "Progress", "check_finite", "fresh_progress",
-           "observe", "pool"]
+           "full_route_points", "observe", "pool"]

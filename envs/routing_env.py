@@ -8,7 +8,13 @@ The modes, the observation, the budget and the at-least-one-block rule are defin
 * **Reward.** The objective's reward of the implied route, given once, at the end of the
   episode (``0`` before): the margin by default (or ``correct``) minus
   ``lam * blocks / L``. No shaping is applied. ``per_token`` counts blocks as executed
-  (token, block) pairs over the sample's tokens.
+  (token, block) pairs over the sample's tokens. ``edit`` rewards the final route's reward minus
+  the full route's (the margin gain minus ``lam * (blocks - L) / L``).
+* **edit mode's caches.** Per sample, the full route is walked once: its pooled states at
+  ``spec.edit_points`` (the observation), the states there, and its reward. A final route is run
+  from the last of those states that its prefix shares with the full route (an edit at block 25
+  of 30 runs 5 or so blocks, not 30), and each (sample, route) reward is kept, so a route seen
+  again costs nothing. Memory: ``obs_points`` states of the sample's rows per sample.
 * **Model.** The executor is passed in, or the embedded ``smollm2-135m`` is loaded once per
   process (and kept, on its device); with no task, the generated ``gen`` task is used (or the
   ``suite`` where ``gen`` is not registered).
@@ -31,7 +37,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from layerroute.executor import RouteExecutor
 from layerroute.objective import Objective, PrefixState
 
-from .mdp import CLIP, EnvError, MDPSpec, ObsProjection, Progress, check_finite, observe, pool
+from .mdp import CLIP, EnvError, MDPSpec, ObsProjection, Progress, check_finite, full_route_points, observe, pool
 
 _MODEL: dict = {}  # the embedded default, loaded once per process
 DEFAULT_LIMIT = 512  # search samples of the default task
@@ -91,8 +97,19 @@ def _first_rows(prefix: PrefixState) -> torch.Tensor:
 @dataclass
 class Episode:
     sample: int
-    prefix: PrefixState
+    prefix: PrefixState | None  # None in edit mode (the route runs once, at the end)
     progress: Progress
+
+
+@dataclass
+class FullRoute:
+    """``edit`` mode, per sample: the full route's pooled states [m, H] at the spec's edit points, its
+    states there (one sample's rows), its reward and margin."""
+
+    pooled: torch.Tensor
+    states: dict[int, PrefixState]
+    reward: float
+    margin: float
 
 
 class RoutingCore:
@@ -106,10 +123,12 @@ class RoutingCore:
             n = real.sum(1, keepdim=True)
             self.groups = torch.where(real, k * spec.token_groups // n, torch.full_like(k, -1))
             self.tokens = objective.tokens(range(len(objective))).float()
+        self.full: dict[int, FullRoute] = {}  # edit: per sample, computed once
+        self.scored: dict[tuple[int, tuple[int, ...]], tuple[float, float, bool]] = {}  # edit: route rewards
 
     @property
     def obs_dim(self) -> int:
-        return self.proj.dim + 2
+        return self.spec.obs_size(self.proj.dim)
 
     def spaces(self):
         obs = gym.spaces.Box(-CLIP, CLIP, (self.obs_dim,), np.float32)
@@ -124,6 +143,9 @@ class RoutingCore:
 
     def start(self, samples) -> tuple[list[Episode], np.ndarray]:
         """New episodes on ``samples`` (one embedding call) and their first observations."""
+        if self.spec.mode == "edit":
+            eps = [Episode(self.obj._check_sample(s), None, self.spec.start()) for s in samples]
+            return eps, self._edit_obs(eps)
         prefix = self.obj.begin(samples)
         progress = [Progress() for _ in samples]
         eps = [Episode(s, prefix.select(j), p) for j, (s, p) in enumerate(zip(prefix.samples, progress))]
@@ -133,6 +155,8 @@ class RoutingCore:
                                                               list[dict]]:
         """One action per episode, one executor call for all: (episodes, obs, rewards, dones, infos)."""
         obj, spec = self.obj, self.spec
+        if spec.mode == "edit":
+            return self._edit_step(episodes, actions)
         prefix = PrefixState.concat([e.prefix for e in episodes])
         if spec.mode == "per_token":
             progress, done, prefix = self._token_step(episodes, actions, prefix)
@@ -155,16 +179,110 @@ class RoutingCore:
             blocks = torch.tensor([progress[j].blocks for j in ended], dtype=torch.float64)
             reward = scores.reward if spec.mode != "per_token" else \
                 obj.reward_of(scores.margin, scores.correct, blocks).reward  # the objective's own formula
-            if not bool(torch.isfinite(reward).all()):
-                raise EnvError(f"non-finite reward {reward.tolist()} on samples "
-                               f"{[obj.examples[episodes[j].sample].uid for j in ended]}; refusing to train on it")
-            for k, j in enumerate(ended):
-                rewards[j] = float(reward[k])
-                infos[j] = {"sample": episodes[j].sample, "route": list(progress[j].chain),
-                            "blocks": float(blocks[k]), "margin": float(scores.margin[k]),
-                            "correct": bool(scores.correct[k])}
+            self._end(episodes, progress, ended, reward.tolist(), scores.margin.tolist(), scores.correct.tolist(),
+                      rewards, infos)
         new = [Episode(e.sample, prefix.select(j), p) for j, (e, p) in enumerate(zip(episodes, progress))]
         return new, obs, rewards, np.array(done, dtype=bool), infos
+
+    def _end(self, episodes, progress, ended, reward, margin, correct, rewards, infos) -> None:
+        """Rewards and infos of the episodes that ended (a non-finite reward is an error)."""
+        if not all(np.isfinite(reward)):
+            raise EnvError(f"non-finite reward {reward} on samples "
+                           f"{[self.obj.examples[episodes[j].sample].uid for j in ended]}; refusing to train on it")
+        for k, j in enumerate(ended):
+            rewards[j] = reward[k]
+            infos[j] = {"sample": episodes[j].sample, "route": list(progress[j].chain),
+                        "blocks": float(progress[j].blocks), "margin": float(margin[k]), "correct": bool(correct[k])}
+            if self.spec.mode == "edit":
+                infos[j].update(edits=progress[j].t, gain=float(margin[k]) - self.full[episodes[j].sample].margin)
+
+    # ---- edit mode -------------------------------------------------------------------------------
+    def _full_routes(self, samples) -> list[FullRoute]:
+        """The full route of each sample (walked once per sample, batched over the new ones)."""
+        obj, L = self.obj, self.obj.num_layers
+        new = list(dict.fromkeys(s for s in samples if s not in self.full))
+        for chunk in obj.batches(new):
+            mask = _prompt_mask(obj)[obj.first_row[chunk]]
+            states, pooled = full_route_points(
+                self.spec.edit_points, obj.begin(chunk), lambda st, c: obj.advance(st, [c] * len(chunk)),
+                lambda st: pool(st.state.hidden[_first_rows(st)], mask))
+            scores = obj.finish(states[-1])  # the last point is L: the full route
+            for j, s in enumerate(chunk):
+                self.full[s] = FullRoute(pooled[j].cpu(), {k: st.select(j) for k, st in
+                                                           zip(self.spec.edit_points, states)},
+                                         float(scores.reward[j]), float(scores.margin[j]))
+                self.scored[(s, tuple(range(L)))] = (float(scores.reward[j]), float(scores.margin[j]),
+                                                     bool(scores.correct[j]))
+        return [self.full[s] for s in samples]
+
+    def _edit_obs(self, episodes) -> np.ndarray:
+        full = self._full_routes([e.sample for e in episodes])
+        return observe(self.spec, self.proj, torch.stack([f.pooled for f in full]),
+                       [e.progress for e in episodes]).numpy()
+
+    def score_routes(self, samples, chains) -> list[tuple[float, float, bool]]:
+        """(reward, margin, correct) of each (sample, route), each run from the last full-route state its
+        prefix shares and kept; the objective's ``finish`` scores them, as it scores the other modes."""
+        obj = self.obj
+        self._full_routes(samples)
+        todo = list(dict.fromkeys((s, tuple(c)) for s, c in zip(samples, chains) if (s, tuple(c)) not in self.scored))
+        done = 0
+        for chunk in obj.batches([s for s, _ in todo]):  # consecutive, sized by the samples' rows
+            pairs, done = todo[done:done + len(chunk)], done + len(chunk)
+            starts, states = [], []
+            for s, c in pairs:
+                k = max((k for k in self.full[s].states if c[:k] == tuple(range(k))), default=0)
+                starts.append(k)
+                states.append(self.full[s].states[k] if k else None)
+            fresh = [s for (s, _), st in zip(pairs, states) if st is None]
+            if fresh:
+                begun = obj.begin(fresh)
+                it = iter(range(len(fresh)))
+                states = [st if st is not None else begun.select(next(it)) for st in states]
+            prefix = obj.advance(PrefixState.concat(states), [c[k:] for (_, c), k in zip(pairs, starts)])
+            scores = obj.finish(prefix)
+            for j, pair in enumerate(pairs):
+                self.scored[pair] = (float(scores.reward[j]), float(scores.margin[j]), bool(scores.correct[j]))
+        return [self.scored[(s, tuple(c))] for s, c in zip(samples, chains)]
+
+    def _edit_step(self, episodes, actions):
+        progress, done = [], []
+        for e, a in zip(episodes, actions):
+            p, d = self.spec.edit(e.progress, int(np.asarray(a).item()))
+            progress.append(p)
+            done.append(d)
+        new = [Episode(e.sample, None, p) for e, p in zip(episodes, progress)]
+        obs = self._edit_obs(new)
+        rewards = np.zeros(len(episodes), np.float32)
+        infos: list[dict] = [{} for _ in episodes]
+        ended = [j for j, d in enumerate(done) if d]
+        if ended:
+            samples = [episodes[j].sample for j in ended]
+            scored = self.score_routes(samples, [progress[j].chain for j in ended])
+            reward = [r - self.full[s].reward for (r, _, _), s in zip(scored, samples)]
+            self._end(episodes, progress, ended, reward, [m for _, m, _ in scored], [c for *_, c in scored],
+                      rewards, infos)
+        return new, obs, rewards, np.array(done, dtype=bool), infos
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def rollout(self, samples, act) -> list[tuple[float, dict]]:
+        """One episode on each of ``samples``, all advanced together, ``act(obs [N, d]) -> N actions``
+        choosing for the episodes still running (e.g. a greedy policy): each episode's (reward, info)."""
+        eps, obs = self.start(list(samples))
+        out: list = [None] * len(eps)
+        live = list(range(len(eps)))
+        while live:
+            actions = act(obs)
+            eps, obs, rewards, dones, infos = self.step(eps, list(actions))
+            keep = []
+            for k, j in enumerate(live):
+                if dones[k]:
+                    out[j] = (float(rewards[k]), infos[k])
+                else:
+                    keep.append(k)
+            live = [live[k] for k in keep]
+            eps, obs = [eps[k] for k in keep], obs[keep]
+        return out
 
     def _token_step(self, episodes, actions, prefix):
         """per_token: run each episode's layer on the tokens of the chosen groups (budget permitting)."""
@@ -197,7 +315,7 @@ class RoutingCore:
 def build_core(executor=None, tokenizer=None, task=None, *, objective: Objective | None = None,
                mode: str = "per_sample", reward: str = "margin", lam: float = 0.0, budget=None, limit: int | None = None,
                seed: int = 0, obs_dim: int = 16, fit_samples: int = 16, max_steps: int | None = None,
-               token_groups: int = 8, batch_rows: int = 64) -> RoutingCore:
+               token_groups: int = 8, max_edits: int = 4, obs_points: int = 4, batch_rows: int = 64) -> RoutingCore:
     """The shared core of both envs (see ``LayerRoutingEnv`` for the arguments)."""
     if objective is None:
         if executor is None:
@@ -210,7 +328,7 @@ def build_core(executor=None, tokenizer=None, task=None, *, objective: Objective
             task, limit = default_task(seed), DEFAULT_LIMIT if limit is None else limit
         objective = Objective.from_task(executor, tokenizer, task, "search", limit, seed, reward=reward, lam=lam,
                                         budget=budget, batch_rows=batch_rows)
-    spec = MDPSpec(mode, objective.num_layers, objective.max_blocks, max_steps, token_groups)
+    spec = MDPSpec(mode, objective.num_layers, objective.max_blocks, max_steps, token_groups, max_edits, obs_points)
     return RoutingCore(objective, spec, fit_projection(objective, obs_dim, fit_samples))
 
 
@@ -219,10 +337,10 @@ class LayerRoutingEnv(gym.Env):
 
     Arguments: ``executor``/``tokenizer`` (default: the embedded SmolLM2-135M, loaded once),
     ``task`` (default ``gen``, else ``suite``), or a prepared search-split ``objective``;
-    ``mode`` (``per_sample``, ``cola``, ``per_token``), ``reward`` (``margin``/``correct``), ``lam``
+    ``mode`` (``per_sample``, ``cola``, ``per_token``, ``edit``), ``reward`` (``margin``/``correct``), ``lam``
     (compute penalty), ``budget`` (hard, a share or a block count), ``limit`` (search samples),
     ``seed`` (of the split; the default task uses 512 samples), ``obs_dim`` / ``fit_samples`` (the projection), ``max_steps`` (cola),
-    ``token_groups`` (per_token), ``batch_rows``. ``reset(options={"sample": i})`` starts on sample ``i``.
+    ``token_groups`` (per_token), ``max_edits`` / ``obs_points`` (edit), ``batch_rows``. ``reset(options={"sample": i})`` starts on sample ``i``.
     """
 
     metadata = {"render_modes": []}

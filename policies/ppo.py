@@ -5,7 +5,8 @@
 SB3 checkpoint in the output directory, writes the learning curve to the run's results store
 as it goes, and exports the greedy policy as ``policy/`` (``PPOPolicy``: safetensors + JSON).
 SB3's own zips are for resuming training only: their loader unpickles, so users and
-``layerroute eval --policy`` load the exported policy instead.
+``layerroute eval --policy`` load the exported policy instead. ``ValidationCallback`` (an SB3
+callback) scores the greedy policy on held-out samples as it trains (a validation learning curve).
 
 Output directory::
 
@@ -76,6 +77,56 @@ class CurveCallback(BaseCallback):
         self.rewards, self.blocks = [], []
 
 
+class ValidationCallback(BaseCallback):
+    """Before training, every ``every`` environment steps (at the first rollout start past it, so after
+    the update on those steps) and at the end: one greedy episode of the
+    policy on every sample of ``core`` (say a validation-split core that shares the training core's
+    projection, ``RoutingCore(objective, spec, proj)``), appended to ``store`` as a "validation"
+    record (each sample's reward, and the means of reward, blocks, margin, accuracy; ``edit`` mode:
+    gain and edits) and logged to TensorBoard; ``log`` (e.g. ``print``) gets a one-line summary."""
+
+    def __init__(self, core, store: ResultsStore, every: int, log=None):
+        super().__init__()
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.core, self.store, self.every, self.log = core, store, every, log
+        self.next, self.start = 0, time.perf_counter()
+
+    def _on_training_start(self) -> None:
+        self._evaluate()
+
+    def _on_rollout_start(self) -> None:  # after the update on the previous rollout: the current policy
+        if self.num_timesteps >= self.next:
+            self._evaluate()
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        self._evaluate()
+
+    def _evaluate(self) -> None:
+        n = int(self.num_timesteps)
+        self.next = (n // self.every + 1) * self.every
+        key = f"validation:{n}"
+        if key in self.store.done():
+            return
+        episodes = self.core.rollout(range(len(self.core.obj)), lambda o: self.model.predict(o, deterministic=True)[0])
+        infos = [i for _, i in episodes]
+        rec = {"type": "validation", "key": key, "timesteps": n, "samples": len(episodes),
+               "mean_reward": float(np.mean([r for r, _ in episodes])),
+               **{f"mean_{k}": float(np.mean([i[k] for i in infos])) for k in ("blocks", "margin", "gain", "edits")
+                  if k in infos[0]},
+               "accuracy": float(np.mean([i["correct"] for i in infos])),
+               "rewards": [round(r, 6) for r, _ in episodes], "wall_s": round(time.perf_counter() - self.start, 2)}
+        self.store.append(rec)
+        if self.log is not None:
+            self.log(f"validation at {n} steps: mean reward {rec['mean_reward']:+.4f}, {rec['mean_blocks']:.2f} "
+                     f"blocks, accuracy {rec['accuracy']:.3f} ({rec['samples']} samples, {rec['wall_s']:.0f} s)")
+        for k in ("mean_reward", "mean_blocks", "accuracy"):
+            self.logger.record(f"validation/{k}", rec[k])
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The SB3 zip in ``directory/checkpoints`` with the most timesteps, or None."""
     found = [(int(m.group(1)), p) for p in Path(directory, "checkpoints").glob(f"{PREFIX}_*_steps.zip")
@@ -101,11 +152,13 @@ def export_policy(model: PPO, spec: MDPSpec, core, directory: str | Path, meta: 
 def train_ppo(venv, store: ResultsStore, timesteps: int, *, seed: int = 0, device: str = "cpu", n_steps: int = 64,
               batch_size: int = 256, n_epochs: int = 4, learning_rate: float = 3e-4, ent_coef: float = 0.01,
               gamma: float = 1.0, features_dim: int = 64, pi: tuple[int, ...] = (64,), checkpoint_every: int = 4096,
-              progress: bool = True, tensorboard: bool = True, resume: bool = True) -> tuple[PPO, PPOPolicy | None]:
+              progress: bool = True, tensorboard: bool = True, resume: bool = True,
+              callbacks: tuple[BaseCallback, ...] = ()) -> tuple[PPO, PPOPolicy | None]:
     """Train (or resume) PPO on ``venv`` up to ``timesteps`` environment steps; export the policy.
 
     The run directory is the store's. Reward arrives at the end of an episode, so ``gamma``
-    defaults to 1. Returns the SB3 model and the exported ``PPOPolicy`` (None for per_token).
+    defaults to 1. ``callbacks`` run beside the curve and checkpoint ones (e.g. a
+    ``ValidationCallback``). Returns the SB3 model and the exported ``PPOPolicy`` (None for per_token).
     """
     out = store.path.parent
     core = venv.core
@@ -127,7 +180,7 @@ def train_ppo(venv, store: ResultsStore, timesteps: int, *, seed: int = 0, devic
     if remaining > 0:
         every = max(checkpoint_every // venv.num_envs, 1)
         callbacks = [CurveCallback(store, start),
-                     CheckpointCallback(every, str(out / "checkpoints"), name_prefix=PREFIX)]
+                     CheckpointCallback(every, str(out / "checkpoints"), name_prefix=PREFIX), *callbacks]
         model.learn(remaining, callback=callbacks, progress_bar=progress, reset_num_timesteps=last is None,
                     tb_log_name="ppo")
         model.save(out / "checkpoints" / f"{PREFIX}_{model.num_timesteps}_steps.zip")

@@ -4,7 +4,8 @@ Saved as ``policy_config.json`` (type ``ppo``, the model fingerprint and weights
 the observation projection's size, the network's shape) plus ``policy.safetensors`` (the
 actor's weights and the projection). Loading rebuilds the network and reads the tensors;
 nothing is unpickled, and SB3 is not needed. ``route_batch`` walks the model with the
-executor, reads each prompt's hidden state before every decision, and acts greedily (argmax).
+executor, reads each prompt's hidden state before every decision, and acts greedily (argmax);
+in ``edit`` mode it walks the full route once (the observed states), then edits it greedily.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from layerroute.envs.mdp import MDPSpec, ObsProjection, Progress, check_finite, observe, pool
+from layerroute.envs.mdp import MDPSpec, ObsProjection, Progress, check_finite, full_route_points, observe, pool
 from layerroute.route import Route
 from layerroute.store import check_tensors, check_weights_digest, read_safetensors
 
@@ -84,6 +85,8 @@ class PPOPolicy(RoutingPolicy):
         self.fingerprint.check_matches(executor.fingerprint, "policy")
         state = executor.begin(input_ids, attention_mask)
         real = attention_mask.bool()
+        if self.spec.mode == "edit":
+            return self._edit_routes(executor, state, real)
         progress = [Progress() for _ in range(input_ids.shape[0])]
         done = [False] * len(progress)
         while not all(done):
@@ -99,10 +102,23 @@ class PPOPolicy(RoutingPolicy):
             check_finite(state.hidden, "while the PPO policy walked the model")
         return [Route(p.chain, executor.fingerprint) for p in progress]
 
+    def _edit_routes(self, executor, state, real) -> list[Route]:
+        """``edit`` mode: the full route's pooled states at the spec's points, then greedy edits."""
+        spec, B = self.spec, real.shape[0]
+        _, pooled = full_route_points(spec.edit_points, state, lambda st, c: executor.advance(st, [c] * B),
+                                      lambda st: pool(st.hidden, real))
+        progress, done = [spec.start()] * B, [False] * B
+        while not all(done):
+            for b, a in enumerate(self.act(observe(spec, self.proj, pooled, progress))):
+                if not done[b]:
+                    progress[b], done[b] = spec.edit(progress[b], a)
+        return [Route(p.chain, executor.fingerprint) for p in progress]
+
     def config(self) -> dict:
         s = self.spec
         return {"model": self.fingerprint.to_dict(), "mode": s.mode, "num_layers": s.num_layers,
                 "max_blocks": s.max_blocks, "max_steps": s.max_steps, "token_groups": s.token_groups,
+                **({"max_edits": s.max_edits, "obs_points": s.obs_points} if s.mode == "edit" else {}),
                 "obs": {"dim": self.proj.dim, **self.proj.meta}, "arch": self.actor.arch, "training": self.meta,
                 "weights": WEIGHTS, "weights_digest": self.weights_digest}
 
@@ -124,7 +140,8 @@ class PPOPolicy(RoutingPolicy):
             actor = ActorNet(int(arch["obs_dim"]), int(arch["num_layers"]), int(arch["num_actions"]),
                              int(arch["features_dim"]), tuple(int(h) for h in arch["pi"]))
             spec = MDPSpec(config["mode"], int(config["num_layers"]), config.get("max_blocks"),
-                           config.get("max_steps"), int(config.get("token_groups", 8)))
+                           config.get("max_steps"), int(config.get("token_groups", 8)),
+                           int(config.get("max_edits", 4)), int(config.get("obs_points", 4)))
             dim, hidden = int(obs["dim"]), executor.fingerprint.hidden_size
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise PolicyError(f"{directory}: the saved PPO policy is corrupt or incomplete ({type(exc).__name__}: "
@@ -142,6 +159,6 @@ class PPOPolicy(RoutingPolicy):
         check_tensors(tensors, expected, path, PolicyError, CONFIG_NAME)
         actor.load_state_dict({k[len("actor."):]: v for k, v in tensors.items() if k.startswith("actor.")})
         proj = ObsProjection.from_tensors(tensors, {k: v for k, v in obs.items() if k != "dim"})
-        if spec.num_layers != executor.num_layers or proj.dim + 2 != actor.arch["obs_dim"]:
+        if spec.num_layers != executor.num_layers or spec.obs_size(proj.dim) != actor.arch["obs_dim"]:
             raise PolicyError(f"{directory}: the policy's shapes do not fit {executor.fingerprint.describe()}")
         return cls(actor, proj, spec, executor.fingerprint, config.get("training"), digest)

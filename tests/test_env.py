@@ -146,7 +146,7 @@ def test_cola_episode_length_is_bounded(tiny, tok, task):  # noqa: F811
         make_env(tiny, tok, task, mode="cola", max_steps=0)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ["edit"])
 def test_vec_env_equals_single_envs_step_for_step(tiny, tok, task, mode):  # noqa: F811
     n, seed = 3, 11
     core = build_core(tiny, tok, task, mode=mode, lam=0.4, obs_dim=8, token_groups=4)
@@ -175,6 +175,72 @@ def test_vec_env_equals_single_envs_step_for_step(tiny, tok, task, mode):  # noq
                 o, _ = env.reset()
             np.testing.assert_allclose(obs_v[j], o, atol=1e-4)
     assert finished >= n  # auto-resets were exercised
+
+
+def test_edit_env_passes_check_env_and_its_episodes_respect_k(tiny, tok, task):  # noqa: F811
+    env = make_env(tiny, tok, task, mode="edit", lam=0.5, obs_points=2)
+    check_env(env, skip_render_check=True)
+    assert env.core.spec.edit_points == (2, 5)
+    # 2 full-route states (after blocks 2 and 5) of 8 components, passes - 1 per block, edits, blocks
+    assert env.action_space.n == 2 * L + 1 and env.observation_space.shape == (2 * 8 + L + 2,)
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3):
+        env = make_env(tiny, tok, task, mode="edit", max_edits=k, obs_points=2)
+        for episode in range(4):
+            obs, _ = env.reset(seed=episode)
+            assert obs[-L - 2:].tolist() == [0.0] * (L + 1) + [1.0]  # the full route, no edit yet
+            for step in range(1, 20):  # valid edits only: repeats of present blocks
+                *_, terminated, truncated, info = env.step(L + int(rng.integers(L)))
+                assert not truncated
+                if terminated:
+                    break
+            assert step == k and info["edits"] == k and len(info["route"]) == L + k
+            assert info["route"] == sorted(info["route"]) and set(info["route"]) == set(range(L))
+
+
+@pytest.mark.parametrize("actions, chain", [
+    ([3, L + 1, 4, 2 * L], (0, 1, 1, 2)),  # skip 3, repeat 1, skip 4, stop: the first edit is at block 1
+    ([L + 4], (0, 1, 2, 3, 4, 4)),  # repeat the last block (K = 1 ends it): run on from the full route's end
+    ([4, 2 * L], (0, 1, 2, 3)),  # skip the last block: run on from the state after block 2 (an observed point)
+])
+def test_edit_reward_is_the_margin_gain_over_the_full_route_minus_the_compute_term(tiny, tok, task, actions,
+                                                                                  chain):  # noqa: F811
+    lam, k = 0.7, 3 if len(actions) > 1 else 1
+    env = make_env(tiny, tok, task, mode="edit", lam=lam, max_edits=k, obs_points=2)
+    reward, info, _ = run(env, actions, seed=3)
+    assert tuple(info["route"]) == chain and info["blocks"] == len(chain)
+    # independent: a fresh objective (no cached states) scores both routes from the embeddings
+    from layerroute.objective import Objective
+
+    fresh = Objective(tiny, tok, task, env.core.obj.examples)
+    got = fresh.score([info["sample"]] * 2, [chain, tuple(range(L))])
+    gain = float(got.margin[0] - got.margin[1])
+    assert info["margin"] == pytest.approx(float(got.margin[0]), abs=1e-4)
+    assert reward == pytest.approx(gain - lam * (len(chain) - L) / L, abs=1e-4)
+    again, info2, _ = run(env, actions, seed=3)  # the second time from the reward cache: the same
+    assert again == reward and info2 == info
+
+
+def test_edit_invalid_edits_stop_on_the_route_as_it_is(tiny, tok, task):  # noqa: F811
+    env = make_env(tiny, tok, task, mode="edit", max_edits=10, obs_points=2)
+    for actions, chain, edits in (([2, 2], (0, 1, 3, 4), 1),  # block 2 has no pass left to skip
+                                  ([2, L + 2], (0, 1, 3, 4), 1),  # nor to repeat
+                                  ([0, 1, 2, 3, 4], (4,), 4),  # a skip that would leave no block
+                                  ([2 * L], tuple(range(L)), 0)):  # stop at once: the full route, reward 0
+        reward, info, _ = run(env, actions)
+        assert (tuple(info["route"]), info["edits"]) == (chain, edits)
+        if not edits:
+            assert reward == 0.0
+
+
+def test_edit_settings_are_clear_errors(tiny, tok, task):  # noqa: F811
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(EnvError, match="max_edits must be an integer of at least 1"):
+            make_env(tiny, tok, task, mode="edit", max_edits=k)
+    with pytest.raises(EnvError, match="obs_points"):
+        make_env(tiny, tok, task, mode="edit", obs_points=L + 1)
+    with pytest.raises(EnvError, match="no hard budget"):
+        make_env(tiny, tok, task, mode="edit", budget=4)
 
 
 def test_non_finite_hidden_state_or_reward_raises(tok, task):  # noqa: F811

@@ -158,3 +158,88 @@ def test_train_ppo_cli_writes_checkpoints_policy_and_resumes(tiny_dir, tmp_path,
                  str(out / "policy")]) == 0
     assert main(args + ["--timesteps", "64", "--lambda", "2.0"]) == 2  # other settings: refused, not mixed
     assert main(args[:-2] + ["--timesteps", "0"]) == 2
+
+
+@pytest.fixture(scope="module")
+def trained_edit(tiny, tok, tmp_path_factory):  # noqa: F811
+    """A short PPO run in the edit space (K = 2) with a strong compute penalty: skipping blocks pays;
+    a validation callback scores the greedy policy on 5 other samples every 512 steps."""
+    from layerroute.envs.routing_env import RoutingCore
+    from layerroute.objective import Objective
+    from layerroute.policies.ppo import ValidationCallback, train_ppo
+
+    torch.manual_seed(0)
+    task = choice_task("cloze", 11)
+    core = build_core(tiny, tok, task, mode="edit", max_edits=2, obs_points=2, lam=4.0, obs_dim=8)  # 6 search
+    val = RoutingCore(Objective(tiny, tok, task, task.split("test", 0).examples, lam=4.0), core.spec, core.proj)
+    out = tmp_path_factory.mktemp("ppo-edit")
+    with _store(out) as store:
+        model, policy = train_ppo(LayerRoutingVecEnv(8, core=core), store, 1024, n_steps=16, batch_size=64,
+                                  learning_rate=3e-3, progress=False, tensorboard=False, checkpoint_every=1024,
+                                  callbacks=(ValidationCallback(val, store, 512),))
+    return core, model, policy, out, val
+
+
+def test_exported_edit_policy_equals_the_sb3_actor_and_edits_like_the_env(trained_edit, tiny, tok):  # noqa: F811
+    core, model, policy, out, _ = trained_edit
+    loaded = load_policy(out / "policy", tiny)
+    assert isinstance(loaded, PPOPolicy) and loaded.spec == core.spec
+    obs = torch.as_tensor(np.random.default_rng(1).uniform(-2, 2, (32, core.obs_dim)), dtype=torch.float32)
+    obs[:, -2] = torch.randint(0, 3, (32,)) / 5  # edits made so far
+    sb3, _ = model.predict(obs.numpy(), deterministic=True)
+    assert loaded.act(obs) == sb3.tolist()
+    # route_batch reads the prompts alone and must make the edits the env's greedy episodes make
+    obj = core.obj
+    ids, mask = left_pad(encode_texts(tok, obj.prompts), tok, "cpu")
+    routes = loaded.route_batch(tiny, ids, mask)
+    episodes = core.rollout(range(len(obj)), lambda o: loaded.act(torch.as_tensor(o)))
+    assert [list(r.layers) for r in routes] == [info["route"] for _, info in episodes]
+    # it learned to skip (each skipped block earns lambda / L = 0.8): above the full route (reward 0)
+    assert all(len(r.layers) < 5 for r in routes) and np.mean([r for r, _ in episodes]) > 0
+
+
+def test_edit_policy_runs_only_in_its_mode(trained_edit, tiny, tmp_path):  # noqa: F811
+    import shutil
+
+    out = trained_edit[3]
+    for mode in ("per_sample", "cola"):
+        d = tmp_path / mode
+        shutil.copytree(out / "policy", d)
+        cfg = json.loads((d / "policy_config.json").read_text())
+        (d / "policy_config.json").write_text(json.dumps({**cfg, "mode": mode}))
+        with pytest.raises(PolicyError, match="trained in mode 'edit'"):
+            load_policy(d, tiny)
+
+
+def test_validation_callback_records_the_greedy_policy_on_held_out_samples(trained_edit):
+    core, _, policy, out, val = trained_edit
+    _, recs = read_store(out)
+    curve = [r for r in recs if r["type"] == "validation"]
+    assert [r["timesteps"] for r in curve] == [0, 512, 1024] and all(r["samples"] == 5 for r in curve)
+    # the last point is the exported policy's greedy episodes on the validation samples
+    episodes = val.rollout(range(5), lambda o: policy.act(torch.as_tensor(o)))
+    assert curve[-1]["rewards"] == pytest.approx([r for r, _ in episodes], abs=1e-5)
+    assert curve[-1]["mean_blocks"] == pytest.approx(np.mean([i["blocks"] for _, i in episodes]))
+    assert val.obj.examples[0].uid not in {e.uid for e in core.obj.examples}  # held out
+
+
+def test_train_ppo_cli_edit_mode_then_eval_policy(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "edit"
+    args = ["train-ppo", "--model", str(tiny_dir), "--task", "suite:capitals", "--limit", "8", "--lambda", "1.0",
+            "--mode", "edit", "--n-envs", "4", "--n-steps", "8", "--batch-size", "16", "--obs-dim", "4",
+            "--no-progress", "--output", str(out)]
+    for bad, flag in ((["--max-edits", "0"], "--max-edits must be at least 1"),
+                      (["--budget", "0.8"], "--budget does not apply to --mode edit")):
+        assert main(args + ["--timesteps", "32"] + bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert flag in err and len(err.splitlines()) == 1
+    assert not out.exists()  # refused before anything was written
+    assert main(args + ["--timesteps", "32", "--max-edits", "2"]) == 0
+    cfg = json.loads((out / "policy" / "policy_config.json").read_text())
+    assert (cfg["mode"], cfg["max_edits"]) == ("edit", 2)
+    assert main(["eval", "--model", str(tiny_dir), "--task", "suite:capitals", "--limit", "4", "--policy",
+                 str(out / "policy"), "--output", str(tmp_path / "ev")]) == 0
+    _, recs = read_store(tmp_path / "ev")
+    blocks = [r["blocks"] for r in recs if r["type"] == "sample"]
+    assert len(blocks) == 4 and all(3 <= b <= 5 + 2 for b in blocks)  # at most 2 edits of the 5 blocks
+    assert main(args + ["--timesteps", "32", "--max-edits", "3"]) == 2  # another K: refused, not mixed
