@@ -215,12 +215,16 @@ class Tree:
                 node = kids[self.rng.randrange(len(kids))]
             else:
                 ln = math.log(max(node.n, 1))
-                node = max(kids, key=lambda c: (c.w / c.n + self.s.config.uct * math.sqrt(ln / c.n)) if c.n else math.inf)
+                node = max(kids, key=lambda c: self.ucb(c, ln) if c.n else math.inf)
             path.append(node)
         for v in path:  # virtual loss until the reward is backed up
             v.n += 1
             v.w += self.floor
         return path, self.route(path[-1]), self.floor
+
+    def ucb(self, child: Node, ln_parent: float) -> float:
+        """The UCT score of a visited ``child``: mean reward + c * sqrt(ln N_parent / N)."""
+        return child.w / child.n + self.s.config.uct * math.sqrt(ln_parent / child.n)
 
     def backup(self, path: list[Node], reward: float, virtual: float) -> None:
         for v in path:
@@ -259,33 +263,9 @@ class EditTree(Tree):
     def route(self, node: Node) -> tuple[int, ...]:
         return node.chain
 
-    def select(self) -> tuple[list[Node], tuple[int, ...], float]:
-        """Descend by UCB minus the length penalty (or to a random child) until a node with an untried
-        edit, expand it; return the path, its route and the virtual loss (see ``Tree.select``)."""
-        c, node, path = self.s.config, self.root, [self.root]
-        while True:
-            if node.untried is None:
-                node.untried = self.actions(node)
-                self.rng.shuffle(node.untried)
-            if node.untried:
-                act = node.untried.pop()
-                node.children[act] = self.child(node, act)
-                path.append(node.children[act])
-                break
-            if not node.children:
-                break
-            kids = list(node.children.values())
-            if self.rng.random() < c.random_child:
-                node = kids[self.rng.randrange(len(kids))]
-            else:
-                ln = math.log(max(node.n, 1))
-                node = max(kids, key=lambda k: (k.w / k.n + c.uct * math.sqrt(ln / k.n)
-                                                - c.length_penalty * len(k.chain) / self.s.L) if k.n else math.inf)
-            path.append(node)
-        for v in path:
-            v.n += 1
-            v.w += self.floor
-        return path, path[-1].chain, self.floor
+    def ucb(self, child: Node, ln_parent: float) -> float:
+        """UCB minus Dr.LLM's length penalty: ``--length-penalty`` x route length / L."""
+        return super().ucb(child, ln_parent) - self.s.config.length_penalty * len(child.chain) / self.s.L
 
     def record(self, chain, reward: float, margin: float, correct: bool) -> None:
         super().record(chain, reward, margin, correct)
