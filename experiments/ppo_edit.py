@@ -87,11 +87,15 @@ def verdict(curve: list[dict], ref: dict) -> list[str]:
     gap = paired(last["rewards"], ref["rewards"])
     zero = paired(last["rewards"], [0.0] * len(last["rewards"]))
     best = max(curve, key=lambda c: c["mean_reward"])
+    worst = min(curve, key=lambda c: c["mean_reward"])
     word = ("**rises**" if rise[1] > 0 else "**falls**" if rise[2] < 0 else
             "**does not rise measurably** (the change is within its 95% interval of 0)")
-    lines = [f"- Validation reward {word}: {first['mean_reward']:+.4f} before training, {last['mean_reward']:+.4f} "
-             f"after {last['timesteps']} steps (change {rise[0]:+.4f}, paired 95% CI {rise[1]:+.4f} to {rise[2]:+.4f}); "
-             f"the best point was {best['mean_reward']:+.4f} at {best['timesteps']} steps."]
+    lines = [f"- Validation reward {word} from the untrained policy's: {first['mean_reward']:+.4f} before training, "
+             f"{last['mean_reward']:+.4f} after {last['timesteps']} steps (change {rise[0]:+.4f}, paired 95% CI "
+             f"{rise[1]:+.4f} to {rise[2]:+.4f}); best point {best['mean_reward']:+.4f} at {best['timesteps']} steps, "
+             f"worst {worst['mean_reward']:+.4f} at {worst['timesteps']}. The final policy makes "
+             f"{last['mean_edits']:.2f} edits per sample (the untrained one {first['mean_edits']:.2f}) and runs "
+             f"{last['mean_blocks']:.2f} blocks."]
     side = "above" if gap[1] > 0 else "below" if gap[2] < 0 else "not distinguishable from"
     lines.append(f"- Against the best static edit ({ref['edit']}, {ref['mean_reward']:+.4f} on validation): the final "
                  f"policy is **{side}** it (difference {gap[0]:+.4f}, paired 95% CI {gap[1]:+.4f} to {gap[2]:+.4f}).")
@@ -102,8 +106,7 @@ def verdict(curve: list[dict], ref: dict) -> list[str]:
 
 
 def render(args: Args, command: str, L: int, statics: list[dict], ref: dict, full_acc: float, curve: list[dict],
-           train: list[dict], wall: float) -> tuple[str, dict]:
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+           train: list[dict], wall: float, date: str) -> tuple[str, dict]:
     top = sorted(statics, key=lambda r: -r["mean_reward"])[:5]
     lines = [f"# PPO in the edit space on `{args.task}` ({args.model})", "", f"Command: `{command}`", "",
              f"Date: {date} UTC (CPU, {args.threads} torch thread(s), a 2-core machine shared with other jobs; "
@@ -227,7 +230,8 @@ def main(argv=None) -> None:
                   checkpoint_every=args.eval_every, callbacks=(ValidationCallback(val, store, args.eval_every, log),))
         curve = sorted((r for r in store.records if r.get("type") == "validation"), key=lambda r: r["timesteps"])
         train = [r for r in store.records if r.get("type") == "curve"]
-    text, data = render(args, command, L, statics, ref, full_acc, curve, train, time.perf_counter() - start)
+    text, data = render(args, command, L, statics, ref, full_acc, curve, train, time.perf_counter() - start,
+                        datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"))
     RESULTS.mkdir(exist_ok=True)
     atomic_write(RESULTS / f"{args.name}.md", text)
     atomic_write(RESULTS / f"{args.name}.json", json.dumps(data, indent=1))
