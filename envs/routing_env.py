@@ -339,8 +339,9 @@ class LayerRoutingEnv(gym.Env):
     ``task`` (default ``gen``, else ``suite``), or a prepared search-split ``objective``;
     ``mode`` (``per_sample``, ``cola``, ``per_token``, ``edit``), ``reward`` (``margin``/``correct``), ``lam``
     (compute penalty), ``budget`` (hard, a share or a block count), ``limit`` (search samples),
-    ``seed`` (of the split; the default task uses 512 samples), ``obs_dim`` / ``fit_samples`` (the projection), ``max_steps`` (cola),
-    ``token_groups`` (per_token), ``max_edits`` / ``obs_points`` (edit), ``batch_rows``. ``reset(options={"sample": i})`` starts on sample ``i``.
+    ``seed`` (of the split; the default task uses 512 samples), ``obs_dim`` / ``fit_samples`` (the
+    projection), ``max_steps`` (cola), ``token_groups`` (per_token), ``max_edits`` / ``obs_points``
+    (edit), ``batch_rows``. ``reset(options={"sample": i})`` starts on sample ``i``.
     """
 
     metadata = {"render_modes": []}

@@ -59,7 +59,8 @@ class Args:
             if getattr(self, f) < 1:
                 raise SearchError(f"--{f.replace('_', '-')} must be at least 1")
         if self.static_limit > self.search_limit:
-            raise SearchError("--static-limit must be at most --search-limit (static edits are scored on search samples)")
+            raise SearchError("--static-limit must be at most --search-limit (static edits are scored on search "
+                              "samples)")
         if not (math.isfinite(self.lam) and self.lam >= 0 and self.lr > 0):
             raise SearchError("--lam must be a finite number >= 0 and --lr above 0")
 
