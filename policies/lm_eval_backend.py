@@ -1,9 +1,10 @@
 """The ``layerroute`` model of lm-evaluation-harness: any routing policy, scored by lm-eval.
 
 ``--model layerroute --model_args model=smollm2-135m[,route=SPEC|JSON | router=DIR | policy=DIR]``
-wraps the full model (no route), a static route, trained routers or any saved policy. Other
-keys: ``batch_size`` (rows per forward), ``device`` (cpu, cuda, cuda:N, mps), ``dtype``,
-``trust_remote_code``, ``max_length``, ``max_gen_toks``. ``model_args`` win over lm-eval's own
+wraps the full model (no route), a static route, trained routers or any saved policy; routers
+take ``budget`` and ``tau`` as ``layerroute eval --router`` does. Other keys: ``batch_size``
+(rows per forward), ``device`` (cpu, cuda, cuda:N, mps), ``dtype``, ``trust_remote_code``,
+``max_length``, ``max_gen_toks``. ``model_args`` win over lm-eval's own
 ``--batch_size`` and ``--device``. A route spec with commas (``chain:...``) cannot sit in
 ``model_args``, which lm-eval splits at commas: save it as a route JSON file instead.
 
@@ -37,7 +38,7 @@ from layerroute.scoring import left_pad, pack_options, packed_greedy, packed_log
 
 from .base import StaticPolicy, load_policy
 
-MODEL_ARGS = ("model", "route", "router", "policy", "batch_size", "max_batch_size", "device", "dtype",
+MODEL_ARGS = ("model", "route", "router", "policy", "budget", "tau", "batch_size", "max_batch_size", "device", "dtype",
               "trust_remote_code", "max_length", "max_gen_toks")
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm-eval's command line passes when --device is not given
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
@@ -56,9 +57,9 @@ def _positive_int(value, what: str) -> int:
 class LayerRouteLM(TemplateLM):
     """lm-eval's ``layerroute`` model; see the module docstring."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, route=None, router=None, policy=None, batch_size=8,
-                 max_batch_size=None, device: str | None = None, dtype=None, trust_remote_code: bool = False,
-                 max_length=None, max_gen_toks=256, **unknown):
+    def __init__(self, model: str = DEFAULT_MODEL, route=None, router=None, policy=None, budget=None, tau=None,
+                 batch_size=8, max_batch_size=None, device: str | None = None, dtype=None,
+                 trust_remote_code: bool = False, max_length=None, max_gen_toks=256, **unknown):
         super().__init__()
         if unknown:
             raise InputError(f"unknown model_args key(s) {', '.join(map(repr, sorted(unknown)))} for --model "
@@ -83,6 +84,16 @@ class LayerRouteLM(TemplateLM):
             self.policy = load_policy(str(router or policy), self.executor)
         else:
             self.policy = StaticPolicy(self.executor.route(None if route is None else str(route)))
+        if budget is not None or tau is not None:  # as `layerroute eval --router DIR --budget B --tau T`
+            if self.policy.type != "router":
+                raise InputError(f"model_args budget and tau apply to trained routers only, not to a "
+                                 f"{self.policy.type} policy")
+            from layerroute.budget import Budget
+            from layerroute.routers.network import check_tau
+
+            Budget.parse(budget)
+            self.policy.budget = self.policy.budget if budget is None else budget
+            self.policy.tau = self.policy.tau if tau is None else check_tau(tau, "model_args tau")
         self._check_packing()
 
     # ---- what lm-eval reads -----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Any device: --device takes cpu, cuda, cuda:N and mps, checked against what torch sees; Ray actors pin one GPU each."""
+"""Any device: --device takes cpu, cuda, cuda:N and mps, checked against what torch sees; Ray actors
+pin one GPU each."""
 
 import pytest
 import torch

@@ -58,7 +58,8 @@ def test_backend_matches_hf_for_all_request_types(hf, full):
     assert [g for _, g in got] == [g for _, g in want]
     assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
     # a document longer than max_length (24) needs several rolling windows
-    docs = [request("loglikelihood_rolling", "A long document about many things, " * 6), request("loglikelihood_rolling", "x")]
+    docs = [request("loglikelihood_rolling", "A long document about many things, " * 6),
+            request("loglikelihood_rolling", "x")]
     want, got = hf.loglikelihood_rolling(docs), full.loglikelihood_rolling(docs)
     assert got == pytest.approx(want, abs=1e-3, rel=1e-5)
     gen = [request("generate_until", c, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}) for c in CONTEXTS]
@@ -112,6 +113,16 @@ def test_a_router_picks_each_route_from_the_context(tiny_dir, tmp_path):
         logp = torch.log_softmax(ex(torch.tensor([ctx + cont]), None, route).logits[0, -len(cont) - 1:-1], -1)
         assert ll == pytest.approx(float(logp[range(len(cont)), cont].sum()), abs=1e-4)
     assert routed.generate_until([request("generate_until", CONTEXTS[0], {"max_gen_toks": 4})])[0]
+    # tau 1 never skips or repeats: the full model, as with `layerroute eval --router DIR --tau 1`
+    sure = backend(f"model={tiny_dir},router={tmp_path / 'routers'},tau=1.0")
+    assert backend(f"model={tiny_dir},router={tmp_path / 'routers'},budget=0.9").policy.budget == 0.9
+    full = backend(f"model={tiny_dir}")
+    assert [ll for ll, _ in sure.loglikelihood(reqs)] == pytest.approx([ll for ll, _ in full.loglikelihood(reqs)],
+                                                                       abs=1e-5)
+    with pytest.raises(LayerRouteError, match="model_args tau must be a number in"):
+        backend(f"model={tiny_dir},router={tmp_path / 'routers'},tau=2")
+    with pytest.raises(InputError, match="budget and tau apply to trained routers only, not to a static policy"):
+        backend(f"model={tiny_dir},route=skip:1,tau=0.5")
 
 
 def test_bad_model_args_are_clear_errors(tiny_dir, tmp_path):
