@@ -13,7 +13,9 @@ option has the highest log-likelihood, as ``layerroute eval`` counts it.
 
 Resumable and written as it goes: rows go to ``<out>/rows.jsonl`` (a results store) and
 ``experiments/results/<name>.md`` and ``.json`` are rewritten after every row. ``greedy`` runs
-last (it is the costly one; each budget extends the removal order of the one before)::
+last (it is the costly one; each budget extends the removal order of the one before). Rows may
+be split over processes (``--budgets``, ``--methods``, ``--out``) and rendered together with
+``--render DIR,DIR`` (no compute)::
 
     OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.static_routes > runs/static_routes.log 2>&1 &
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 from layerroute.search.base import SearchError, add_config_arguments, config_from_args, option
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STATIC = ("unified", "drop_last", "similarity", "random", "optuna", "greedy")
+STATIC = ("full", "unified", "drop_last", "similarity", "random", "optuna", "greedy")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Args:
     task: str = option("gen", "the task (see `layerroute tasks`)")
     model: str = option("smollm2-135m", "the model")
     budgets: str = option("0.9,0.8,0.7", "shares of the blocks (the full model is always scored)")
-    methods: str = option(",".join(STATIC), "static baselines and optuna, comma-separated")
+    methods: str = option(",".join(STATIC), "the full model, static baselines and optuna, comma-separated")
     calib_limit: int = option(256, "search-split samples every route is fitted on")
     greedy_calib_limit: int = option(0, "search-split samples greedy is fitted on (0: --calib-limit)")
     val_limit: int = option(256, "validation-split samples that choose between candidates")
@@ -51,6 +53,7 @@ class Args:
     threads: int = option(1, "torch threads")
     out: str = option("runs/static_routes", "folder of the resumable results store")
     name: str = option("static_routes", "writes experiments/results/<name>.md and .json")
+    render: str = option("", "no compute: render the rows of these --out folders (comma-separated)")
 
     def validate(self) -> None:
         unknown = set(self.methods.split(",")) - set(STATIC)
@@ -68,7 +71,8 @@ class Args:
 def plan(args: Args) -> list[tuple[str, float]]:
     """(method, budget) in the order worth having: the full model, the cheap rows per budget, greedy last."""
     methods = args.methods.split(",")
-    rows = [("full", 1.0)] + [(m, b) for b in args.ratios for m in methods if m != "greedy"]
+    rows = [("full", 1.0)] * ("full" in methods) + [(m, b) for b in args.ratios for m in methods
+                                                   if m not in ("full", "greedy")]
     return rows + [("greedy", b) for b in sorted(args.ratios, reverse=True) if "greedy" in methods]
 
 
@@ -94,8 +98,12 @@ def render(rows: list[dict], args: Args, command: str, L: int) -> tuple[str, dic
     dates = sorted(r["finished"] for r in rows)
     pending = [f"{m}@{b:g}" for m, b in plan(args) if not any(r["key"] == f"{m}@{b:g}" for r in rows)]
     greedy_n = args.greedy_calib_limit or args.calib_limit
+    commands = list(dict.fromkeys(r.get("command", command) for r in rows))
+    if args.render:
+        commands.append(command)
     lines = [f"# Static routes worth beating on `{args.task}` ({args.model}, test split)", "",
-             f"Command: `{command}`", "",
+             "Command" + (f": `{commands[0]}`" if len(commands) == 1 else "s (rows split over processes, then "
+                          "rendered together): " + "; ".join(f"`{c}`" for c in commands)), "",
              f"Date: {dates[0] if dates else '-'} to {dates[-1] if dates else '-'} (UTC; CPU, {args.threads} torch "
              f"thread(s), a 2-core machine shared with other jobs).", "",
              f"Every route is fitted on the first {args.calib_limit} search-split samples (greedy: {greedy_n}); "
@@ -154,7 +162,7 @@ def render(rows: list[dict], args: Args, command: str, L: int) -> tuple[str, dic
                   f"per-sample block executions with prefix reuse (counted), against {naive:,} when every candidate "
                   f"runs from the embeddings ({naive / c['sample_blocks']:.2f}x), plus {c['sample_finishes']:,} "
                   f"per-sample finishes (LM head and scoring) either way; {c['seconds'] / 60:.1f} min."]
-    data = {"command": command, "date": {"first_row": dates[0] if dates else None,
+    data = {"command": commands, "date": {"first_row": dates[0] if dates else None,
                                          "last_row": dates[-1] if dates else None},
             "args": asdict(args), "rows": rows, "pending": pending,
             "best_static": {f"{b:g}": r["method"] for b, r in best.items()}}
@@ -177,6 +185,21 @@ def main(argv=None) -> None:
     args = config_from_args(Args, p.parse_args(argv))
     words = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["OMP_NUM_THREADS=1 python -m layerroute.experiments.static_routes", *words])
+    if args.render:
+        from layerroute.store import read_store
+
+        rows = []
+        for d in args.render.split(","):
+            mine = [r for r in read_store(Path(d) / "rows.jsonl")[1] if r.get("type") == "row"]
+            known = next((r["command"] for r in mine if "command" in r), None)
+            rows += [{"command": known, **r} if known else r for r in mine]  # rows from before commands were kept
+        order = {key: i for i, key in enumerate(f"{m}@{b:g}" for m, b in plan(args))}
+        rows.sort(key=lambda r: order.get(r["key"], len(order)))
+        text, data = render(rows, args, command, max(r["test"]["blocks"] for r in rows))
+        atomic_write(RESULTS / f"{args.name}.md", text)
+        atomic_write(RESULTS / f"{args.name}.json", json.dumps(data, indent=1) + "\n")
+        print(text)
+        return
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
@@ -190,11 +213,12 @@ def main(argv=None) -> None:
                       objective("test", args.test_limit, "--test-limit"))
     greedy_cal = objective("search", args.greedy_calib_limit, "--greedy-calib-limit") \
         if args.greedy_calib_limit not in (0, args.calib_limit) else cal
-    settings = {k: v for k, v in asdict(args).items() if k not in ("threads", "out", "name", "methods", "budgets")}
+    settings = {k: v for k, v in asdict(args).items()
+                if k not in ("threads", "out", "name", "methods", "budgets", "render")}
     header = {"kind": "static_routes", "settings": settings, "model": ex.fingerprint.to_dict(), "task": task.name,
               "split": "test", "seed": args.seed}
     with ResultsStore(Path(args.out) / "rows.jsonl", header) as store:
-        rows = [r for r in store.records if r.get("type") == "row"]
+        rows = [{"command": command, **r} for r in store.records if r.get("type") == "row"]
         for r in rows:  # a resumed run: routes scored before are not scored again
             val.cache.setdefault("route_stats", {})[tuple(r["layers"])] = r["val"]
             test.cache.setdefault("route_stats", {})[tuple(r["layers"])] = r["test"]
@@ -219,7 +243,8 @@ def main(argv=None) -> None:
             else:
                 route = BASELINES[method](cal, k, args.seed)
             fitted_on = None if method == "full" else len(greedy_cal if method == "greedy" else cal)
-            row = {"type": "row", "key": key, "method": method, "budget": budget, "layers": list(route.layers),
+            row = {"type": "row", "key": key, "command": command, "method": method, "budget": budget,
+                   "layers": list(route.layers),
                    "calib_n": fitted_on, "val": route_stats(val, route), "test": route_stats(test, route), **extra,
                    "seconds": round(time.time() - start, 1),
                    "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")}
