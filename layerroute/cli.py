@@ -346,9 +346,10 @@ def cmd_run(args) -> int:
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task name (see `layerroute tasks`), jsonl:PATH, csv:PATH, "
                    "parquet:PATH or hf:NAME[:CONFIG]:SPLIT")
-    p.add_argument("--fields", default=None, help="for data-file and hf: tasks, e.g. question=q,answer=a,choices=options "
-                   "or choices=answer_a|answer_b|answer_c|answer_d (several columns); the answer may be a letter, "
-                   "a 0-based index or the option text")
+    p.add_argument("--fields", default=None,
+                   help="for data-file and hf: tasks, e.g. question=q,answer=a,choices=options or "
+                        "choices=answer_a|answer_b|answer_c|answer_d (several columns); the answer may be a letter, "
+                        "a 0-based index or the option text")
     p.add_argument("--kind", default=None, choices=["choice", "generate", "loglik"],
                    help="for data-file and hf: tasks (default: choice when --fields maps choices, else generate)")
     p.add_argument("--skip-bad-rows", action="store_true",
