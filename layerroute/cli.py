@@ -569,15 +569,11 @@ def cmd_analyze(args) -> int:
 def cmd_signal(args) -> int:
     """``layerroute signal``: whether per-input routing can pay on this model and task (see search/signal.py)."""
     from layerroute.objective import Objective
-    from layerroute.search.signal import MIN_SAMPLES, SignalError, signal, write_report
+    from layerroute.search.signal import check_request, signal, write_report
     from .executor import RouteExecutor
 
     task = _task(args)
-    if task.kind != "choice":
-        raise SignalError(f"signal needs a task with options (gold against null labels); {task.name} is a "
-                          f"{task.kind} task")
-    if args.limit is not None and args.limit < MIN_SAMPLES:
-        raise SignalError(f"signal needs at least {MIN_SAMPLES} samples to say anything; got --limit {args.limit}")
+    check_request(task, args.limit)  # before the model loads
     model, tok = _load(args)
     obj = Objective.from_task(RouteExecutor(model), tok, task, args.split, args.limit, args.seed,
                               batch_rows=args.batch_rows)

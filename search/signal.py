@@ -44,6 +44,16 @@ class SignalError(LayerRouteError, ValueError):
     """A task or sample count on which the signal report cannot be made."""
 
 
+def check_request(task, n: int | None) -> None:
+    """Refuse a task without options, or fewer than ``MIN_SAMPLES`` samples (``n`` None: not known yet)."""
+    if task.kind != "choice":
+        raise SignalError(f"signal needs a task with options (gold against null labels); {task.name} is a "
+                          f"{task.kind} task")
+    if n is not None and n < MIN_SAMPLES:
+        raise SignalError(f"signal needs at least {MIN_SAMPLES} samples to say anything; got {n} (raise --limit, "
+                          f"or use a task with more search-split samples)")
+
+
 def single_edits(L: int) -> list[tuple[str, int, tuple[int, ...]]]:
     """(name, blocks of the full route kept before the change, the rest of the route) of each edit."""
     out = [(f"skip {p}", p, tuple(range(p + 1, L))) for p in range(L)]
@@ -123,12 +133,7 @@ def _diff(a: dict, b: dict) -> dict:
 
 def signal(obj: Objective, seed: int = 0, progress: bool = True) -> dict:
     """The three figures and the verdict (see the module docstring) for ``obj``'s samples."""
-    if obj.task.kind != "choice":
-        raise SignalError(f"signal needs a task with options (gold against null labels); {obj.task.name} is a "
-                          f"{obj.task.kind} task")
-    if len(obj) < MIN_SAMPLES:
-        raise SignalError(f"signal needs at least {MIN_SAMPLES} samples to say anything; got {len(obj)} (raise --limit, "
-                          f"or use a task with more search-split samples)")
+    check_request(obj.task, len(obj))
     L, edits = obj.num_layers, single_edits(obj.num_layers)
     lp, pooled = edit_scores(obj, edits, progress=progress)
     n = len(obj)
