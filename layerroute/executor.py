@@ -15,8 +15,10 @@ never copies its code. What it adds:
 * **Per-token routing.** ``token_mask[b, layer, t]`` False lets token ``t`` pass block
   ``layer`` unchanged (every pass, if the block repeats). The block still computes the
   token's K/V from its incoming, passed-through state, so later tokens keep attending to
-  it; cached and uncached runs agree under that rule. It changes what is computed, not
-  how much: the dense block runs on every token.
+  it; cached and uncached runs agree under that rule. With the default ``token_rule="dense"``
+  it changes what is computed, not how much: the block runs on every token (the reference).
+  ``token_rule="kv-kept"`` computes the same on the executed tokens only, and ``"absent"``
+  removes skipped tokens from the block (Mixture-of-Depths); see ``layerroute.sparse``.
 * **A self-check before any use.** ``RouteExecutor(model)`` runs the identity route against
   the model's own forward on a small left-padded probe, prefill and one cached step
   (``self_check``), once per model, and refuses a model that does not match (``NotExactError``).
@@ -34,6 +36,7 @@ import torch
 from .errors import InputError, LayerRouteError, NotExactError, RouteError
 from .models import DecoderStack, _first_line, decoder_stack
 from .route import Route, resolve_route
+from .sparse import ABSENT, DENSE, bool_mask, check_rule, check_token_mask, sparse_block
 
 Chains = tuple[tuple[int, ...], ...]
 
@@ -86,6 +89,10 @@ class RouteKVCache:
         self.values: list[torch.Tensor | None] = [None] * len(schedule)
         self.attention_mask: torch.Tensor | None = None  # [B, seq_length] bool
         self.growing = False
+        # Token-sparse walks (``layerroute.sparse``): the rule the cache was filled under, and per slot
+        # the sequence column of each stored key under the absent rule ([B, S], -1: padding).
+        self.token_rule: str | None = None
+        self.columns: list[torch.Tensor | None] = [None] * len(schedule)
 
     @property
     def seq_length(self) -> int:
@@ -318,15 +325,23 @@ class RouteExecutor:
 
     @torch.no_grad()
     def advance(self, state: RouteState, chains, *, token_mask: torch.Tensor | None = None,
-                cache: RouteKVCache | None = None, record: list | None = None) -> RouteState:
+                cache: RouteKVCache | None = None, record: list | None = None,
+                token_rule: str = DENSE) -> RouteState:
         """Run ``chains`` (one chain of block indices for all rows, or one per row; a chain
         may be empty) from ``state`` and return the new state.
 
         With ``cache``, each schedule step reads and extends its own KV slot; a growing cache
         (``RouteKVCache.open``) gets new slots for ``chains``' steps. ``record``, a list of
         per-row lists, collects each row's state after each of its blocks.
+
+        ``token_rule`` says how ``token_mask`` runs (``layerroute.sparse``): ``"dense"`` runs each
+        block on every token and keeps the executed tokens' results; ``"kv-kept"`` computes the
+        same on the executed tokens only; ``"absent"`` removes skipped tokens from the block.
         """
+        check_rule(token_rule)
         chains = self._chains(chains, state.hidden.shape[0], allow_empty=True)
+        if cache is not None:
+            _check_cache_rule(cache, token_rule if token_mask is not None else DENSE)
         first = 0
         if cache is None or cache.growing:
             schedule = plan_schedule(chains, self.device)
@@ -335,11 +350,14 @@ class RouteExecutor:
                 cache.schedule += schedule
                 cache.keys += [None] * len(schedule)
                 cache.values += [None] * len(schedule)
+                cache.columns += [None] * len(schedule)
                 cache.attention_mask = state.attention_mask
         else:
             schedule = cache.schedule
         hidden, q, st = state.hidden, state.hidden.shape[1], self.stack
         tm = self._token_mask(token_mask, hidden.shape[0], state.past + q)
+        sparse = tm is not None and token_rule != DENSE
+        full_masks: dict = {}  # window -> bool mask over all columns, for the sparse blocks
         for s, step in enumerate(schedule):
             layer, rows = step.layer, step.rows
             window, rtype = st.windows[layer], st.layer_types[layer]
@@ -350,6 +368,21 @@ class RouteExecutor:
                 h, pos = h.index_select(0, rows), pos.index_select(0, rows)
                 pe = tuple(t.index_select(0, rows) if t.shape[0] > 1 else t for t in pe)
                 mask = None if mask is None else mask.index_select(0, rows)
+            if sparse:
+                if window not in full_masks:
+                    full_masks[window] = bool_mask(state.masks[window], lambda: _build_mask(
+                        state.attention_mask, state.past, q, window, "sdpa", hidden.dtype, allow_none=False))
+                full, keep = full_masks[window], tm[:, layer, state.past:state.past + q]
+                if rows is not None:
+                    full, keep = full.index_select(0, rows), keep.index_select(0, rows)
+                out = sparse_block(st.layers[layer], h, keep, full, rule=token_rule,
+                                   attn_implementation=st.attn_implementation, position_ids=pos,
+                                   position_embeddings=pe, past=state.past, cache=cache, slot=first + s)
+                hidden = out if rows is None else hidden.index_copy(0, rows, out)
+                if record is not None:
+                    for b in step.row_list:
+                        record[b].append(hidden[b])
+                continue
             out = st.layers[layer](
                 h, attention_mask=mask, position_ids=pos, position_embeddings=pe,
                 cache=None if cache is None else cache.slot(first + s), use_cache=cache is not None,
@@ -384,12 +417,14 @@ class RouteExecutor:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, routes=None, *,
                 position_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
                 cache: RouteKVCache | None = None, use_cache: bool = False,
-                output_hidden_states: bool = False, logits_to_keep: int = 0) -> RoutedOutput:
+                output_hidden_states: bool = False, logits_to_keep: int = 0,
+                token_rule: str = DENSE) -> RoutedOutput:
         """Logits for a padded batch where each sample may follow its own route.
 
         ``routes``: None (identity), one Route/spec for all, or one per sample. With a
         ``cache`` (or ``use_cache=True`` to start one), ``input_ids`` are the new tokens and
         ``attention_mask`` covers past and new tokens, as in Hugging Face models.
+        ``token_mask`` [B, layers, past + T] (bool) with ``token_rule``: per-token routing (``advance``).
         """
         batch = input_ids.shape[0]
         chains = self._chains(self._routes(routes, batch), batch)
@@ -405,7 +440,8 @@ class RouteExecutor:
                 attention_mask = torch.ones(batch, past + input_ids.shape[1], dtype=torch.bool, device=self.device)
         state = self.begin(input_ids, attention_mask, position_ids, past)
         record = [[state.hidden[b]] for b in range(batch)] if output_hidden_states else None
-        state = self.advance(state, chains, token_mask=token_mask, cache=cache, record=record)
+        state = self.advance(state, chains, token_mask=token_mask, cache=cache, record=record,
+                             token_rule=token_rule)
         if cache is not None:
             cache.attention_mask = state.attention_mask
         hidden_states = None
@@ -423,11 +459,13 @@ class RouteExecutor:
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                  token_mask: torch.Tensor | None = None, use_cache: bool = True,
                  output_logits: bool = False, prefill: RoutedOutput | None = None,
-                 stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Generation:
+                 stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 token_rule: str = DENSE) -> Generation:
         """Greedy or sampled decoding; each sample keeps its route for every new token.
 
         ``use_cache=False`` recomputes the whole sequence at each step (the reference that
-        cached decoding must equal). With ``token_mask``, it must cover prompt and new tokens.
+        cached decoding must equal). With ``token_mask``, it must cover prompt and new tokens, and
+        ``token_rule`` says how it runs (``advance``).
         ``prefill``: the prompt already run along ``routes`` (last-position logits and its cache,
         e.g. from a routing walk), so the prompt is not run again. ``stop``: called after each new
         token with the sequences so far [B, T + n]; rows where it returns True finish as on EOS.
@@ -436,12 +474,15 @@ class RouteExecutor:
             LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
         _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
+        check_rule(token_rule)
         self._check_ids(input_ids)
         batch = input_ids.shape[0]
         routes = self._routes(routes, batch)
         ids = input_ids.to(self.device)
         mask = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(self.device).bool())
+        if token_mask is not None:
+            check_token_mask(token_mask)
         if token_mask is not None and token_mask.shape[-1] < ids.shape[1] + max_new_tokens:
             raise RouteError(f"token_mask covers {token_mask.shape[-1]} tokens but prompt plus new tokens "
                              f"need {ids.shape[1] + max_new_tokens}")
@@ -474,10 +515,10 @@ class RouteExecutor:
                 cache = out.cache
             elif use_cache:
                 out = self.forward(fed, mask, routes, token_mask=token_mask, cache=cache, use_cache=True,
-                                   logits_to_keep=1)
+                                   logits_to_keep=1, token_rule=token_rule)
                 cache = out.cache
             else:
-                out = self.forward(ids, mask, routes, token_mask=token_mask, logits_to_keep=1)
+                out = self.forward(ids, mask, routes, token_mask=token_mask, logits_to_keep=1, token_rule=token_rule)
             logits = out.logits[:, -1].float()
             if output_logits:
                 step_logits.append(logits)
@@ -540,6 +581,7 @@ class RouteExecutor:
     def _token_mask(self, token_mask, batch: int, columns: int):
         if token_mask is None:
             return None
+        check_token_mask(token_mask)
         tm = token_mask.to(self.device).bool()
         if tm.dim() == 2:
             tm = tm.unsqueeze(0).expand(batch, *tm.shape)
@@ -547,6 +589,16 @@ class RouteExecutor:
             raise RouteError(f"token_mask must be [batch={batch}, layers={self.num_layers}, tokens>={columns}] "
                              f"(or without the batch dim), got {tuple(token_mask.shape)}")
         return tm
+
+
+def _check_cache_rule(cache: RouteKVCache, rule: str) -> None:
+    """A cache filled under the absent rule stores only executed tokens' K/V; the dense and kv-kept
+    rules store every token's. A sequence keeps the layout it was prefilled with."""
+    if cache.token_rule is None:
+        cache.token_rule = rule
+    elif (cache.token_rule == ABSENT) != (rule == ABSENT):
+        raise RouteError(f"this cache was filled under the {cache.token_rule!r} token rule and cannot continue under "
+                         f"{rule!r}: a sequence keeps the rule it was prefilled with")
 
 
 def _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
