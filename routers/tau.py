@@ -13,20 +13,59 @@ from __future__ import annotations
 TAU_GRID = (1.0, 0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 
 
+def edit_probability(net, executor, tokenizer, task, *, batch_size: int = 16, chat: bool = True) -> dict[str, float]:
+    """Per example uid: the largest skip or repeat probability of the routers along the full route.
+
+    A walk at tau follows the full route until the first block where a skip or repeat beats tau,
+    so its route is the full route exactly when this probability is at most tau."""
+    from layerroute.scoring import encode_texts, left_pad, task_prompts
+
+    from .network import walk
+
+    out = {}
+    for i in range(0, len(task.examples), batch_size):
+        batch = task.examples[i:i + batch_size]
+        ids, mask = left_pad(encode_texts(tokenizer, task_prompts(tokenizer, task, batch, chat)), tokenizer,
+                             executor.device)
+        probs = walk(executor, ids, mask, net, budget=None, tau=1.0).logits.float().softmax(-1)
+        top = probs[..., [0, 2]].amax(dim=(1, 2))
+        out.update({ex.uid: float(p) for ex, p in zip(batch, top)})
+    return out
+
+
 def sweep_tau(net, executor, tokenizer, task, grid=TAU_GRID, *, limit: int | None = None, batch_size: int = 16,
               progress: bool = False) -> list[dict]:
     """Accuracy (95% CI), mean blocks and n of the routers at each tau on ``task``'s (first ``limit``)
-    examples."""
-    from layerroute.evaluation import evaluate
+    examples.
+
+    The same figures as evaluating ``RouterPolicy(net, tau=tau)`` at each tau, for less: the full
+    route is scored once, and at each tau only the examples whose routers would leave the full
+    route (``edit_probability`` above tau) are walked and scored again."""
+    import dataclasses
+
+    from layerroute.evaluation import evaluate, limit_examples, wilson_interval
 
     from .routed_model import RouterPolicy
 
+    task = dataclasses.replace(task, examples=limit_examples(task.examples, limit))
+    ev = dict(batch_size=batch_size, progress=progress)
+    full = {s.uid: s for s in evaluate(executor, tokenizer, task, None, **ev).samples}
+    budgeted = net.config.budget is not None  # a budget can force edits: every example is walked
+    top = {} if budgeted else edit_probability(net, executor, tokenizer, task, batch_size=batch_size)
     rows = []
     for tau in sorted(set(grid), reverse=True):
-        r = evaluate(executor, tokenizer, task, RouterPolicy(net, tau=tau), batch_size=batch_size, limit=limit,
-                     progress=progress)
-        rows.append({"tau": tau, "accuracy": r.accuracy, "ci95": list(r.ci95) if r.ci95 else None,
-                     "mean_blocks": r.mean_blocks, "n": r.n})
+        moved = tuple(ex for ex in task.examples if budgeted or top[ex.uid] > tau)
+        scores = dict(full)
+        if moved:
+            sub = dataclasses.replace(task, examples=moved)
+            scores.update({s.uid: s for s in evaluate(executor, tokenizer, sub, RouterPolicy(net, tau=tau),
+                                                      **ev).samples})
+        judged = [s for s in scores.values() if s.correct is not None]
+        right = sum(s.correct for s in judged)
+        rows.append({"tau": tau, "accuracy": right / len(judged) if judged else None,
+                     "ci95": list(wilson_interval(right, len(judged))) if judged else None,
+                     "mean_blocks": sum(s.blocks for s in scores.values()) / len(scores), "n": len(scores),
+                     "rerouted": len(moved)})
     return rows
 
 

@@ -9,7 +9,7 @@ from layerroute import RouteExecutor
 from layerroute.cli import main
 from layerroute.routers import RoutedModel, RouterConfig, RouterError, load_routers, route_prompts, save_routers
 from layerroute.routers.network import _choose
-from layerroute.routers.tau import calibrate_tau, choose_tau
+from layerroute.routers.tau import calibrate_tau, choose_tau, sweep_tau
 from layerroute.routers.routed_model import RouterPolicy
 from layerroute.evaluation import evaluate
 from layerroute.tasks.base import Example, Task
@@ -62,6 +62,22 @@ def test_tau_chosen_on_validation_meets_its_epsilon(tiny, tok):  # noqa: F811
     rows = [{"tau": 1.0, "accuracy": 0.5, "mean_blocks": 5}, {"tau": 0.9, "accuracy": 0.495, "mean_blocks": 4},
             {"tau": 0.5, "accuracy": 0.48, "mean_blocks": 2}]
     assert choose_tau(rows, 0.01)["tau"] == 0.9 and choose_tau(rows, 0.0)["tau"] == 1.0
+
+
+def test_sweep_equals_evaluating_every_tau_in_full(tiny, tok):  # noqa: F811
+    """The sweep scores the full route once and re-walks only examples whose routers leave it."""
+    base_task = choice_task("letter", n=11)
+    task = Task("hand", "choice", [Example(f"t/{i}", f"Question {i} {'x ' * (i % 7)}?", "ABCD"[i % 4],
+                                           base_task.examples[0].choices) for i in range(24)],
+                choice_scoring="letter", answer_prefix="It is")
+    net, grid = make_net(tiny.model, seed=3), (1.0, 0.8, 0.6, 0.45, 0.35)
+    rows = sweep_tau(net, tiny, tok, task, grid, batch_size=5)
+    assert [r["tau"] for r in rows] == sorted(grid, reverse=True)
+    assert 0 < rows[-1]["rerouted"] <= len(task.examples) and rows[0]["rerouted"] == 0
+    for row in rows:
+        full = evaluate(tiny, tok, task, RouterPolicy(net, tau=row["tau"]), batch_size=5, progress=False)
+        assert (row["accuracy"], row["n"]) == (full.accuracy, full.n)
+        assert row["mean_blocks"] == pytest.approx(full.mean_blocks)
 
 
 def test_bad_tau_and_routers_saved_before_tau(base, tmp_path, tiny_dir, capsys):  # noqa: F811
