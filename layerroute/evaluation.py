@@ -139,10 +139,33 @@ def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_siz
 
 def eval_header(executor: RouteExecutor, task, split: str, seed: int, settings: dict) -> dict:
     """The store header of an evaluation run: what defines its results."""
-    from .store import model_header
+    from .runs import run_header
 
-    return {"kind": "eval", "settings": settings, **model_header(executor), "task": task.name, "split": split,
-            "seed": seed}
+    return run_header("eval", executor, task, split, seed, settings)
+
+
+def degenerate_warning(blocks: list[int], num_layers: int, share: float = 0.5) -> str | None:
+    """A warning when a policy's routes are degenerate: more than ``share`` of the samples run at
+    most a tenth of the blocks (at least 1), where any accuracy is that of a truncated model."""
+    floor = max(1, num_layers // 10)
+    few = sum(b <= floor for b in blocks)
+    if not blocks or few <= share * len(blocks):
+        return None
+    return (f"degenerate policy: {few} of {len(blocks)} samples ({100 * few / len(blocks):.0f}%) run at most "
+            f"{floor} of {num_layers} blocks (mean {sum(blocks) / len(blocks):.2f}); its routes barely use the model")
+
+
+def policy_blocks(executor: RouteExecutor, tokenizer, task, policy, limit: int = 32, batch_size: int = 8,
+                  chat: bool = True) -> list[int]:
+    """The blocks a routing policy (``route_batch``) runs on each of the first ``limit`` examples of ``task``."""
+    examples = list(task.examples)[:limit]
+    blocks = []
+    for j in range(0, len(examples), batch_size):
+        batch = examples[j:j + batch_size]
+        ids, mask = left_pad(encode_texts(tokenizer, task_prompts(tokenizer, task, batch, chat)), tokenizer,
+                             executor.device)
+        blocks += [r.cost for r in policy.route_batch(executor, ids, mask)]
+    return blocks
 
 
 def sample_records(store: ResultsStore) -> dict[str, SampleScore]:

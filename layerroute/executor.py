@@ -481,6 +481,7 @@ class RouteExecutor:
         ids = input_ids.to(self.device)
         mask = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(self.device).bool())
+        check_left_padded(mask)
         if token_mask is not None:
             check_token_mask(token_mask)
         if token_mask is not None and token_mask.shape[-1] < ids.shape[1] + max_new_tokens:
@@ -599,6 +600,16 @@ def _check_cache_rule(cache: RouteKVCache, rule: str) -> None:
     elif (cache.token_rule == ABSENT) != (rule == ABSENT):
         raise RouteError(f"this cache was filled under the {cache.token_rule!r} token rule and cannot continue under "
                          f"{rule!r}: a sequence keeps the rule it was prefilled with")
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Generation appends new tokens after the last column, so every prompt must end there: refuse
+    right padding (the tokenizer's default), which would decode after the padding."""
+    rows = (~attention_mask[:, -1].bool()).nonzero().flatten().tolist() if attention_mask.numel() else []
+    if rows:
+        raise InputError(f"attention_mask is padded on the right (sample {rows[0]} ends in padding); generation "
+                         f"needs left padding: tokenize with padding_side='left' (tokenizer(..., padding=True, "
+                         f"padding_side='left'))")
 
 
 def _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:

@@ -251,16 +251,7 @@ class ResultsStore:
         self.header, self.records, self._fd = None, [], None
         self._made = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.path.with_name(self.path.name + ".lock")
-        self._lock_made = not lock.exists()
-        self._lock = open(lock, "a")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            self._lock = None
-            raise StoreError(f"{self.path} is being written by another process; wait for it or use another "
-                             f"--output") from None
+        self._lock = _take_lock(self.path.with_name(self.path.name + ".lock"), self.path)
         self._new = not (self.path.exists() and self.path.stat().st_size)  # (decided under the lock)
         if header is not None:
             self.open(header, overwrite=overwrite, info=info)
@@ -319,10 +310,9 @@ class ResultsStore:
             os.close(self._fd)
             self._fd = None
         if getattr(self, "_lock", None) is not None:
+            Path(self._lock.name).unlink(missing_ok=True)  # still held: a run leaves no .lock behind
             if failed and self._new and not self.records:  # still under the lock
                 self.path.unlink(missing_ok=True)
-                if self._lock_made:
-                    Path(self._lock.name).unlink(missing_ok=True)
                 for d in self._made:  # the folders it made, deepest first, if nothing else is in them
                     if d.is_dir() and not any(d.iterdir()):
                         d.rmdir()
@@ -335,6 +325,25 @@ class ResultsStore:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.close(failed=exc_type is not None)
+
+
+def _take_lock(lock: Path, path: Path):
+    """The exclusive lock on ``lock`` (refused at once if another process holds it). A holder removes
+    the file before it lets go, so a lock taken on a file no longer at ``lock`` is taken again."""
+    while True:
+        handle = open(lock, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreError(f"{path} is being written by another process; wait for it or use another "
+                             f"--output") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
 
 
 def _describe_diff(key: str, old, new) -> str:

@@ -79,7 +79,8 @@ class LayerRouteLM(TemplateLM):
         self._max_length = _positive_int(max_length, "max_length") if max_length is not None else \
             resolve_max_length(hf_model.config, self.tokenizer, default=2048)
         if router is not None or policy is not None:
-            import layerroute.routers  # noqa: F401  (registers the "router" policy type)
+            import layerroute.policies.ppo_policy  # noqa: F401  (registers the "ppo" policy type)
+            import layerroute.routers.routed_model  # noqa: F401  (registers the "router" policy type)
 
             self.policy = load_policy(str(router or policy), self.executor)
         else:

@@ -1,9 +1,18 @@
 """Routers distilled from searched routes: per-layer networks (``network``), their training
-(``training``), and loading into a frozen LLM (``routed_model``). Importing this package
-registers the ``"router"`` routing policy."""
+(``training``), and loading into a frozen LLM (``routed_model``). Using any name of this package
+registers the ``"router"`` routing policy. Names are imported on first use (PEP 562), so
+``layerroute.routers.commands`` stays light."""
 
-from .network import RouterConfig, RouterError, RouterNetwork, route_prompts, walk, window_means
-from .routed_model import RoutedModel, RouterPolicy, load_routers, save_routers
+from importlib import import_module
 
-__all__ = ["RoutedModel", "RouterConfig", "RouterError", "RouterNetwork", "RouterPolicy", "load_routers",
-           "route_prompts", "save_routers", "walk", "window_means"]
+_FROM = {**dict.fromkeys(("RouterConfig", "RouterError", "RouterNetwork", "route_prompts", "walk", "window_means"),
+                         ".network"),
+         **dict.fromkeys(("RoutedModel", "RouterPolicy", "load_routers", "save_routers"), ".routed_model")}
+__all__ = sorted(_FROM)
+
+
+def __getattr__(name):
+    if name in _FROM:
+        import_module(".routed_model", __name__)  # registers the "router" policy type
+        return getattr(import_module(_FROM[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,28 +22,54 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def _header(args, task, ex, kind: str, settings: dict) -> dict:
-    from layerroute.store import model_header
+@dataclass
+class PipelineConfig:
+    """The pipeline's settings (``layerroute pipeline -h`` explains each)."""
 
-    return {"kind": kind, "settings": {"task": args.task, "seed": args.seed, "fields": None, "kind": None,
-                                       **settings},
-            **model_header(ex), "task": task.name, "split": "search", "seed": args.seed}
+    model: str = "smollm2-135m"
+    task: str = "suite"
+    seed: int = 0
+    budget: str | None = None
+    epsilon: float = 0.01
+    tau_limit: int = 48
+    search_limit: int = 24
+    simulations: int = 16
+    epochs: int = 30
+    refine_epochs: int = 5
+    test_limit: int = 50
+    calib_limit: int = 16
+    baseline: str = "similarity"
+    batch_size: int = 16
+    prompt: str = "What is the capital of France?"
+    max_new_tokens: int = 16
+    output: str = "runs/pipeline"
+    overwrite: bool = False
 
 
-def run_pipeline(args, load) -> int:
-    """The pipeline on ``args`` (see ``layerroute pipeline -h``); ``load(args)`` gives (model, tokenizer)."""
+def _header(cfg: PipelineConfig, task, ex, kind: str, settings: dict) -> dict:
+    from layerroute.runs import run_header
+
+    # fields and kind: the pipeline reads its task by name only; they stay in the settings so that
+    # stores written before keep resuming
+    return run_header(kind, ex, task, "search", cfg.seed,
+                      {"task": cfg.task, "seed": cfg.seed, "fields": None, "kind": None, **settings})
+
+
+def run_pipeline(config: PipelineConfig, load) -> int:
+    """The pipeline (see the module docstring); ``load()`` gives (model, tokenizer)."""
     from layerroute.store import ResultsStore
 
-    out = Path(args.output)
+    out = Path(config.output)
     with ResultsStore(out / "search") as gold, ResultsStore(out / "search-null") as null:  # locks before the model
-        return _run_pipeline(args, load, {"search": gold, "search-null": null})
+        return _run_pipeline(config, load, {"search": gold, "search-null": null})
 
 
-def _run_pipeline(args, load, stores: dict) -> int:
-    from layerroute.evaluation import evaluate, wilson_interval
+def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
+    from layerroute.evaluation import degenerate_warning, evaluate, wilson_interval
     from layerroute.executor import RouteExecutor
     from layerroute.objective import Objective
     from layerroute.search import get_searcher, run_search
@@ -57,25 +83,25 @@ def _run_pipeline(args, load, stores: dict) -> int:
     from .training import load_labels, train_routers
 
     t_start = time.perf_counter()
-    out = Path(args.output)
+    out = Path(cfg.output)
     step = lambda text: print(f"\n## {text}  [{time.perf_counter() - t_start:.0f} s]\n", flush=True)  # noqa: E731
-    model, tok = load(args)
+    model, tok = load()
     ex = RouteExecutor(model)
-    task = get_task(args.task, seed=args.seed)
-    print(f"# layerroute pipeline: {args.model} ({ex.fingerprint.describe()}) on {task.name}")
+    task = get_task(cfg.task, seed=cfg.seed)
+    print(f"# layerroute pipeline: {cfg.model} ({ex.fingerprint.describe()}) on {task.name}")
 
-    step(f"1. MCTS search (edit space) on {args.search_limit} search-split samples: gold labels (ORACLE) and "
+    step(f"1. MCTS search (edit space) on {cfg.search_limit} search-split samples: gold labels (ORACLE) and "
          f"null labels (chance)")
     searcher_cls = get_searcher("mcts")
-    config = searcher_cls.Config(simulations=args.simulations)
+    config = searcher_cls.Config(simulations=cfg.simulations)
     oracle = {}
     for kind, folder in (("gold", "search"), ("null", "search-null")):
-        obj = Objective.from_task(ex, tok, task, "search", args.search_limit, args.seed, option="--search-limit",
-                                  null_seed=args.seed if kind == "null" else None)
-        searcher = searcher_cls(obj, config, seed=args.seed)
-        header = {**_header(args, task, ex, "search:mcts", {"limit": args.search_limit, "reward": "margin",
+        obj = Objective.from_task(ex, tok, task, "search", cfg.search_limit, cfg.seed, option="--search-limit",
+                                  null_seed=cfg.seed if kind == "null" else None)
+        searcher = searcher_cls(obj, config, seed=cfg.seed)
+        header = {**_header(cfg, task, ex, "search:mcts", {"limit": cfg.search_limit, "reward": "margin",
                                                              "lam": 0.0, **searcher.settings()}), "labels": kind}
-        with stores[folder].open(header, overwrite=args.overwrite) as store:
+        with stores[folder].open(header, overwrite=cfg.overwrite) as store:
             oracle[kind] = run_search(searcher, store)
     print(f"on the searched samples: full model {100 * oracle['gold'].get('identity_accuracy', float('nan')):.1f}%, "
           f"ORACLE {100 * oracle['gold'].get('oracle_accuracy', float('nan')):.1f}% with gold labels against "
@@ -85,12 +111,12 @@ def _run_pipeline(args, load, stores: dict) -> int:
     labels = load_labels([out / "search"], ex.fingerprint)  # robust: filtered against out/search-null
     print(f"robust labels: {labels.kept} of {labels.kept + labels.filtered} samples keep their searched route "
           f"(margin gain above {labels.threshold:.3f} nats, which at most 5% of null searches exceed)")
-    net, report = train_routers(ex, tok, labels, epochs=args.epochs, budget=args.budget, seed=args.seed,
-                                refine_epochs=args.refine_epochs, base_model=args.model)
-    cal = calibrate_tau(net, ex, tok, task, args.seed, limit=args.tau_limit, epsilon=args.epsilon,
-                        batch_size=args.batch_size)
+    net, report = train_routers(ex, tok, labels, epochs=cfg.epochs, budget=cfg.budget, seed=cfg.seed,
+                                refine_epochs=cfg.refine_epochs, base_model=cfg.model)
+    cal = calibrate_tau(net, ex, tok, task, cfg.seed, limit=cfg.tau_limit, epsilon=cfg.epsilon,
+                        batch_size=cfg.batch_size)
     print(f"tau {cal['tau']}: the most compute saved on {cal['chosen']['n']} validation samples within "
-          f"{100 * args.epsilon:g} points of the full model ({100 * cal['chosen']['accuracy']:.1f}% at "
+          f"{100 * cfg.epsilon:g} points of the full model ({100 * cal['chosen']['accuracy']:.1f}% at "
           f"{cal['chosen']['mean_blocks']:.2f} blocks; full model {100 * cal['sweep'][0]['accuracy']:.1f}%)")
     save_routers(out / "routers", net)
     refine = report.get("refinement", {})
@@ -100,9 +126,9 @@ def _run_pipeline(args, load, stores: dict) -> int:
           + (f" -> {refine['on_policy_val_after']['agreement']:.3f} after refinement "
              f"({'kept' if refine['kept'] else 'discarded'})" if refine else ""))
 
-    step(f"3. Evaluate on {args.test_limit} test-split samples")
-    test = task.split("test", args.seed)
-    ev = dict(batch_size=args.batch_size, limit=args.test_limit)
+    step(f"3. Evaluate on {cfg.test_limit} test-split samples")
+    test = task.split("test", cfg.seed)
+    ev = dict(batch_size=cfg.batch_size, limit=cfg.test_limit)
     rows = []
 
     def add(name, result, note=""):
@@ -114,25 +140,28 @@ def _run_pipeline(args, load, stores: dict) -> int:
 
     add("full model", evaluate(ex, tok, test, None, **ev))
     routed = evaluate(ex, tok, test, RouterPolicy(net), **ev)
+    warning = degenerate_warning([r.blocks for r in routed.samples], ex.num_layers)
+    if warning:
+        print(f"warning: routers: {warning}", file=sys.stderr)
     add(f"routers (tau {net.config.tau})", routed, "decides at prefill; time includes the routing walk")
     k = max(1, min(ex.num_layers, round(routed.mean_blocks)))
-    cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
-    static = BASELINES[args.baseline](cal, k, args.seed)
-    add(f"{args.baseline} static route ({k} blocks)", evaluate(ex, tok, test, static, **ev),
+    cal = Objective.from_task(ex, tok, task, "search", cfg.calib_limit, cfg.seed, option="--calib-limit")
+    static = BASELINES[cfg.baseline](cal, k, cfg.seed)
+    add(f"{cfg.baseline} static route ({k} blocks)", evaluate(ex, tok, test, static, **ev),
         f"calibrated on {len(cal)} search-split samples at the routers' compute")
 
     step("4. Generate with the routed model")
     rm = RoutedModel(model, net, tok)
-    ids = tok(render_prompt(tok, args.prompt), return_tensors="pt", add_special_tokens=False).input_ids
-    seq = rm.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+    ids = tok(render_prompt(tok, cfg.prompt), return_tensors="pt", add_special_tokens=False).input_ids
+    seq = rm.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     route = rm.route(ids)[0]
     answer = tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    print(f"prompt: {args.prompt}\nroute:  {route.describe()}\nanswer: {answer}")
+    print(f"prompt: {cfg.prompt}\nroute:  {route.describe()}\nanswer: {answer}")
 
     step("Summary")
     lines = [f"Test split of {task.name} (n={rows[0]['n']}), "
-             f"{args.model}; routers trained on {report['train_samples']} searched samples.", "",
+             f"{cfg.model}; routers trained on {report['train_samples']} searched samples.", "",
              "| method | accuracy (95% CI) | mean blocks | share of blocks | wall time (s) |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-"
@@ -145,37 +174,15 @@ def _run_pipeline(args, load, stores: dict) -> int:
             lines.append(f"| MCTS on the search split ({what}) | {100 * o['oracle_accuracy']:.1f}% "
                          f"({100 * lo:.1f}-{100 * hi:.1f}) | {o['mean_best_blocks']:.2f} | "
                          f"{o['mean_best_blocks'] / ex.num_layers:.2f} | |")
-    lines += ["", f"Routed generation: {args.prompt!r} -> {answer!r} ({route.cost} blocks).",
+    lines += ["", f"Routed generation: {cfg.prompt!r} -> {answer!r} ({route.cost} blocks).",
               f"Total time {time.perf_counter() - t_start:.0f} s."]
     table = "\n".join(lines)
     print(table)
     atomic_write(out / "summary.md", table + "\n")
     atomic_write(out / "summary.json", json.dumps({"rows": rows, "oracle": oracle, "training": report,
-                                                   "generation": {"prompt": args.prompt, "answer": answer,
+                                                   "generation": {"prompt": cfg.prompt, "answer": answer,
                                                                   "route": route.to_dict()}},
                                                   indent=2, sort_keys=True, default=str) + "\n")
     print(f"\nwrote {out / 'summary.md'}, {out / 'summary.json'} and the routers in {out / 'routers'}",
           file=sys.stderr)
     return 0
-
-
-def add_pipeline_arguments(p) -> None:
-    p.add_argument("--task", default="suite", help="task to search, train and test on (default: the generated suite)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", default=None, help="optional hard compute budget of the routers: a share or a block "
-                   "count (default: none; tau decides)")
-    p.add_argument("--epsilon", type=float, default=0.01,
-                   help="tau: the most compute saved with validation accuracy at most this far below the full model's")
-    p.add_argument("--tau-limit", type=int, default=48, help="validation samples that choose tau")
-    p.add_argument("--search-limit", type=int, default=24, help="search-split samples searched with MCTS")
-    p.add_argument("--simulations", type=int, default=16, help="MCTS simulations per sample")
-    p.add_argument("--epochs", type=int, default=30, help="router training epochs (early stopping on validation)")
-    p.add_argument("--refine-epochs", type=int, default=5, help="on-policy refinement epochs (0: none)")
-    p.add_argument("--test-limit", type=int, default=50, help="test-split samples per evaluation")
-    p.add_argument("--calib-limit", type=int, default=16, help="search-split samples that calibrate the static route")
-    p.add_argument("--baseline", default="similarity", help="static baseline compared at the routers' compute (greedy is stronger but takes minutes per removed block on CPU)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--output", default="runs/pipeline")
-    p.add_argument("--overwrite", action="store_true", help="redo a search already in --output")

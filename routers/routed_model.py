@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from layerroute.errors import FingerprintMismatchError
-from layerroute.executor import RouteExecutor
+from layerroute.executor import RouteExecutor, check_left_padded
 from layerroute.models import ModelFingerprint, model_fingerprint
 from layerroute.route import Route
 from layerroute.store import check_tensors, check_weights_digest, describe_file, read_safetensors
@@ -188,6 +188,8 @@ class RoutedModel(nn.Module):
             return self.base.generate(input_ids=input_ids, attention_mask=attention_mask,
                                       max_new_tokens=max_new_tokens or 20, **opts, **kwargs)
         _unsupported(kwargs, "generate")
+        if attention_mask is not None:
+            check_left_padded(attention_mask)  # before the routing walk
         gc = getattr(self.base, "generation_config", None)
         opts = {k: v if v is not None else getattr(gc, k, None) for k, v in given.items()}
         if not opts["do_sample"]:

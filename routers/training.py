@@ -374,78 +374,101 @@ def train_routers(executor: RouteExecutor, tokenizer, labels: Labels, *, bottlen
     return net, report
 
 
-def train_router_command(args, load) -> int:
-    """``layerroute train-router``: labels from stores -> routers saved in ``--output``."""
-    from pathlib import Path
+@dataclass
+class TrainRouterConfig:
+    """``layerroute train-router``: where the labels are, where the routers go, and how they train."""
 
+    labels: list
+    output: str
+    null_labels: list | None = None
+    robust: bool = True  # False: learn every searched route as it is (--no-filter)
+    overwrite: bool = False
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    patience: int = 5
+    refine_epochs: int = 5
+    val_share: float = 0.2
+    bottleneck: int = 128
+    windows: int = 8
+    budget: str | None = None
+    tau: float | None = None  # None: chosen on the validation split
+    epsilon: float = 0.01
+    tau_limit: int = 100
+    seed: int = 0
+    base_model: str = ""
+
+
+def train_router_run(config: TrainRouterConfig, load) -> Path:
+    """Labels from stores -> routers saved in ``config.output``; ``load()`` gives (model, tokenizer).
+    Everything that can be refused is refused before ``load`` runs."""
     from .network import CONFIG_NAME
     from .routed_model import save_routers
 
-    out = Path(args.output)
-    if (out / CONFIG_NAME).exists() and not args.overwrite:
+    out = Path(config.output)
+    if (out / CONFIG_NAME).exists() and not config.overwrite:
         raise RouterError(f"{out} already holds routers; choose another --output or pass --overwrite")
-    labels = load_labels(args.labels, null=args.null_labels, robust=not args.no_filter)  # checked before loading
-    model, tok = load(args)
+    load_labels(config.labels, null=config.null_labels, robust=config.robust)  # checked before loading
+    model, tok = load()
     executor = RouteExecutor(model)
-    labels = load_labels(args.labels, executor.fingerprint, null=args.null_labels, robust=not args.no_filter)
+    labels = load_labels(config.labels, executor.fingerprint, null=config.null_labels, robust=config.robust)
     if labels.threshold is not None:
         print(f"robust labels: a searched route is kept where its margin gain over the full route exceeds "
               f"{labels.threshold:.3f} nats (at most 5% of the null search exceed it); {labels.kept} of "
               f"{labels.kept + labels.filtered} samples kept an edited route, the others learn the full route")
     net, report = train_routers(
-        executor, tok, labels, bottleneck=args.bottleneck, windows=args.windows, budget=args.budget,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-        refine_epochs=args.refine_epochs, val_share=args.val_share, seed=args.seed, base_model=args.model)
-    if args.tau is not None:
-        net.config.tau = args.tau
-        print(f"tau {args.tau} (given with --tau)")
-    else:
-        from .tau import calibrate_tau
-
-        cal = calibrate_tau(net, executor, tok, labels.task(), labels.seed, limit=args.tau_limit, epsilon=args.epsilon)
-        full, chosen = cal["sweep"][0], cal["chosen"]
-        print(f"tau {cal['tau']}: chosen on {chosen['n']} validation samples as the most compute saved within "
-              f"{100 * args.epsilon:g} points of the full model ({100 * chosen['accuracy']:.1f}% at "
-              f"{chosen['mean_blocks']:.2f} blocks; full model {100 * full['accuracy']:.1f}% at "
-              f"{full['mean_blocks']:.0f})")
+        executor, tok, labels, bottleneck=config.bottleneck, windows=config.windows, budget=config.budget,
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, patience=config.patience,
+        refine_epochs=config.refine_epochs, val_share=config.val_share, seed=config.seed,
+        base_model=config.base_model)
+    _set_tau(net, config, executor, tok, labels)
     save_routers(out, net)
+    print(training_summary(report, labels.task_spec, out))
+    warn_if_degenerate(net, executor, tok, labels.task().split("validation", labels.seed))
+    return out
+
+
+def _set_tau(net, config: TrainRouterConfig, executor, tok, labels) -> None:
+    if config.tau is not None:
+        net.config.tau = config.tau
+        print(f"tau {config.tau} (given with --tau)")
+        return
+    from .tau import calibrate_tau
+
+    cal = calibrate_tau(net, executor, tok, labels.task(), labels.seed, limit=config.tau_limit, epsilon=config.epsilon)
+    full, chosen = cal["sweep"][0], cal["chosen"]
+    print(f"tau {cal['tau']}: chosen on {chosen['n']} validation samples as the most compute saved within "
+          f"{100 * config.epsilon:g} points of the full model ({100 * chosen['accuracy']:.1f}% at "
+          f"{chosen['mean_blocks']:.2f} blocks; full model {100 * full['accuracy']:.1f}% at "
+          f"{full['mean_blocks']:.0f})")
+
+
+def training_summary(report: dict, task_spec: str, out: Path) -> str:
+    """The training run in a few lines, ending with the files written."""
     refine = report.get("refinement")
-    print(f"trained routers for {labels.task_spec}: {report['train_samples']} train / {report['val_samples']} "
-          f"validation samples ({'held out of the search split' if report['val_held_out'] else 'validation split'})")
-    print(f"parameters: {report['parameters']:,} ({100 * report['share_of_base']:.3f}% of the base model)")
-    print(f"labels skip/execute/repeat: {report['label_counts']}; class weights {report['class_weights']}")
-    print(f"validation agreement: {report['best_val']['agreement']:.3f} per layer, "
-          f"{report['best_val']['route_match']:.3f} whole routes (teacher forced); on-policy "
-          f"{report['on_policy_val']['agreement']:.3f}" +
-          (f" -> {refine['on_policy_val_after']['agreement']:.3f} after refinement "
-           f"({'kept' if refine['kept'] else 'discarded'})" if refine else ""))
-    print(f"wrote {out}")
-    return 0
+    return "\n".join([
+        f"trained routers for {task_spec}: {report['train_samples']} train / {report['val_samples']} "
+        f"validation samples ({'held out of the search split' if report['val_held_out'] else 'validation split'})",
+        f"parameters: {report['parameters']:,} ({100 * report['share_of_base']:.3f}% of the base model)",
+        f"labels skip/execute/repeat: {report['label_counts']}; class weights {report['class_weights']}",
+        f"validation agreement: {report['best_val']['agreement']:.3f} per layer, "
+        f"{report['best_val']['route_match']:.3f} whole routes (teacher forced); on-policy "
+        f"{report['on_policy_val']['agreement']:.3f}" +
+        (f" -> {refine['on_policy_val_after']['agreement']:.3f} after refinement "
+         f"({'kept' if refine['kept'] else 'discarded'})" if refine else ""),
+        f"wrote {out / 'routers.safetensors'}, {out / 'router_config.json'} and {out / 'policy_config.json'} "
+        f"(evaluate with: layerroute eval --task {task_spec} --router {out})"])
 
 
-def add_train_arguments(p) -> None:
-    p.add_argument("--labels", nargs="+", required=True,
-                   help="results stores (dirs or results.jsonl) of one task: MCTS, Optuna or PPO outputs")
-    p.add_argument("--null-labels", nargs="+", default=None,
-                   help="the same search run with --null, for the robust filter (default: the folder LABELS-null)")
-    p.add_argument("--no-filter", action="store_true",
-                   help="learn every searched route as it is, chance included (no robust filter)")
-    p.add_argument("--output", required=True, help="directory for routers.safetensors and router_config.json")
-    p.add_argument("--overwrite", action="store_true", help="replace routers already in --output")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32, help="samples per training step (all their layers)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation loss before stopping")
-    p.add_argument("--refine-epochs", type=int, default=5, help="on-policy refinement epochs (0: none)")
-    p.add_argument("--val-share", type=float, default=0.2,
-                   help="share of the samples held out for early stopping when no store covers the validation split")
-    p.add_argument("--bottleneck", type=int, default=128)
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--budget", default=None, help="optional hard compute budget of the routers at inference")
-    p.add_argument("--tau", type=float, default=None,
-                   help="skip or repeat a block only where the router is surer than tau (in [0, 1]; default: chosen "
-                        "on the validation split)")
-    p.add_argument("--epsilon", type=float, default=0.01,
-                   help="tau is the most compute saved with validation accuracy at most this far below the full model's")
-    p.add_argument("--tau-limit", type=int, default=100, help="validation samples that choose tau")
-    p.add_argument("--seed", type=int, default=0)
+def warn_if_degenerate(net, executor, tok, task, limit: int = 32) -> None:
+    """Print a warning when the trained routers' routes on ``task``'s first samples are degenerate."""
+    import sys
+
+    from layerroute.evaluation import degenerate_warning, policy_blocks
+
+    from .routed_model import RouterPolicy
+
+    if len(task):
+        warning = degenerate_warning(policy_blocks(executor, tok, task, RouterPolicy(net), limit), executor.num_layers)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)

@@ -47,6 +47,9 @@ def register_searcher(cls: type[Searcher]) -> type[Searcher]:
 
 
 def get_searcher(name: str) -> type[Searcher]:
+    from . import load_searchers
+
+    load_searchers()  # every searcher module registers itself on import
     return SEARCHERS.get_or_raise(name)
 
 
@@ -167,7 +170,9 @@ def add_config_arguments(parser, config_cls: type[SearchConfig]) -> None:
     """One ``--option`` per field of ``config_cls`` (help from the field's metadata)."""
     for f in fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_ = f.metadata.get("help", "")
+        if "default" not in help_ and f.default not in ("", None):  # (a help that names its default keeps it)
+            help_ += " (default: %(default)s)"
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, default=f.default, help=help_,
                                 action="store_false" if f.default else "store_true")

@@ -54,7 +54,10 @@ def bad_inputs(d):
         (["baselines", "--task", "suite", "--budgets", ""] + out, r"--budgets must be comma-separated numbers"),
         (["baselines", "--task", "suite", "--baselines", "drop_last,nope"] + out, r"unknown baseline\(s\) 'nope'"),
         (suite + ["--baseline", "nope"], r"--baseline is not valid: unknown baseline"),
-        (suite + ["--baseline", "greedy", "--budget", "1.5"], r"--budget must be a number in \(0, 1\], got 1.5"),
+        # eval's --budget is a Budget as everywhere (issue 21): a share in (0, 1] or a whole block count
+        (suite + ["--baseline", "greedy", "--budget", "1.5"],
+         r"--budget is not valid: budget '1.5': a block count must be a whole number"),
+        (suite + ["--baseline", "greedy", "--budget", "0"], r"--budget is not valid: budget '0' must be a share"),
         (suite + ["--fields", "question"] + out, r"--fields must be key=value pairs joined by commas"),
         (suite + ["--fields", "question=q,question=x"], r"--fields names 'question' twice"),
         (suite + ["--output", str(d / "a_file" / "run")], r"--output cannot create .*: .*a_file is a file"),
