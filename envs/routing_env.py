@@ -35,7 +35,7 @@ from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env import VecEnv
 
 from layerroute.executor import RouteExecutor
-from layerroute.objective import Objective, PrefixState
+from layerroute.objective import Objective, PrefixState, memoised
 
 from .mdp import CLIP, EnvError, MDPSpec, ObsProjection, Progress, check_finite, full_route_points, observe, pool
 
@@ -61,33 +61,22 @@ def default_task(seed: int = 0):
     return get_task("gen" if "gen" in names else "suite", seed=seed)
 
 
+@memoised
 def fit_projection(obj: Objective, dim: int, fit_samples: int) -> ObsProjection:
     """PCA of pooled identity-route states entering every layer (and after the last) of the first
-    ``fit_samples`` samples; cached on the objective so every env over it shares one projection."""
-    key = ("obs_projection", dim, fit_samples)
-    if key not in obj.cache:
-        samples = list(range(min(fit_samples, len(obj))))
-        vectors = []
-        for chunk in obj.batches(samples):
-            prefix = obj.begin(chunk)
-            first = _first_rows(prefix)
-            mask = _prompt_mask(obj)[obj.first_row[chunk]]
-            for layer in range(obj.num_layers + 1):
-                check_finite(prefix.state.hidden, f"entering layer {layer} of the identity route")
-                vectors.append(pool(prefix.state.hidden[first], mask))
-                if layer < obj.num_layers:
-                    prefix = obj.advance(prefix, [(layer,)] * len(chunk))
-        obj.cache[key] = ObsProjection.fit(torch.cat(vectors).cpu(), dim, fit_samples=len(samples))
-    return obj.cache[key]
-
-
-def _prompt_mask(obj: Objective) -> torch.Tensor:
-    """[R, W] bool: the prompt's real tokens of every row (the continuation excluded)."""
-    if "prompt_mask" not in obj.cache:
-        width = obj.ids.shape[1]
-        cols = torch.arange(width)[None, :]
-        obj.cache["prompt_mask"] = obj.mask.bool() & (cols < width - obj.cont_len[:, None])
-    return obj.cache["prompt_mask"]
+    ``fit_samples`` samples; memoised on the objective so every env over it shares one projection."""
+    samples = list(range(min(fit_samples, len(obj))))
+    vectors = []
+    for chunk in obj.batches(samples):
+        prefix = obj.begin(chunk)
+        first = _first_rows(prefix)
+        mask = obj.prompt_mask()[obj.first_row[chunk]]
+        for layer in range(obj.num_layers + 1):
+            check_finite(prefix.state.hidden, f"entering layer {layer} of the identity route")
+            vectors.append(pool(prefix.state.hidden[first], mask))
+            if layer < obj.num_layers:
+                prefix = obj.advance(prefix, [(layer,)] * len(chunk))
+    return ObsProjection.fit(torch.cat(vectors).cpu(), dim, fit_samples=len(samples))
 
 
 def _first_rows(prefix: PrefixState) -> torch.Tensor:
@@ -104,10 +93,9 @@ class Episode:
 @dataclass
 class FullRoute:
     """``edit`` mode, per sample: the full route's pooled states [m, H] at the spec's edit points, its
-    states there (one sample's rows), its reward and margin."""
+    reward and margin (its states there are in the objective's prefix cache)."""
 
     pooled: torch.Tensor
-    states: dict[int, PrefixState]
     reward: float
     margin: float
 
@@ -137,7 +125,7 @@ class RoutingCore:
         return obs, act
 
     def _obs(self, prefix: PrefixState, progress) -> np.ndarray:
-        mask = _prompt_mask(self.obj)[self.obj.first_row[list(prefix.samples)]]
+        mask = self.obj.prompt_mask()[self.obj.first_row[list(prefix.samples)]]
         pooled = pool(prefix.state.hidden[_first_rows(prefix)], mask)
         return observe(self.spec, self.proj, pooled, progress).numpy()
 
@@ -202,15 +190,15 @@ class RoutingCore:
         obj, L = self.obj, self.obj.num_layers
         new = list(dict.fromkeys(s for s in samples if s not in self.full))
         for chunk in obj.batches(new):
-            mask = _prompt_mask(obj)[obj.first_row[chunk]]
+            mask = obj.prompt_mask()[obj.first_row[chunk]]
             states, pooled = full_route_points(
                 self.spec.edit_points, obj.begin(chunk), lambda st, c: obj.advance(st, [c] * len(chunk)),
                 lambda st: pool(st.state.hidden[_first_rows(st)], mask))
             scores = obj.finish(states[-1])  # the last point is L: the full route
             for j, s in enumerate(chunk):
-                self.full[s] = FullRoute(pooled[j].cpu(), {k: st.select(j) for k, st in
-                                                           zip(self.spec.edit_points, states)},
-                                         float(scores.reward[j]), float(scores.margin[j]))
+                for k, st in zip(self.spec.edit_points, states):
+                    obj.prefixes.put((s,), range(k), st.select(j))
+                self.full[s] = FullRoute(pooled[j].cpu(), float(scores.reward[j]), float(scores.margin[j]))
                 self.scored[(s, tuple(range(L)))] = (float(scores.reward[j]), float(scores.margin[j]),
                                                      bool(scores.correct[j]))
         return [self.full[s] for s in samples]
@@ -229,11 +217,7 @@ class RoutingCore:
         done = 0
         for chunk in obj.batches([s for s, _ in todo]):  # consecutive, sized by the samples' rows
             pairs, done = todo[done:done + len(chunk)], done + len(chunk)
-            starts, states = [], []
-            for s, c in pairs:
-                k = max((k for k in self.full[s].states if c[:k] == tuple(range(k))), default=0)
-                starts.append(k)
-                states.append(self.full[s].states[k] if k else None)
+            states, starts = zip(*(obj.prefixes.deepest((s,), c) for s, c in pairs))
             fresh = [s for (s, _), st in zip(pairs, states) if st is None]
             if fresh:
                 begun = obj.begin(fresh)

@@ -17,6 +17,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from layerroute.tables import write_report
+
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -25,8 +28,7 @@ def main(argv=None) -> None:
 
     from layerroute import RouteExecutor, load_model
     from layerroute.objective import Objective
-    from layerroute.search.baselines import greedy_order
-    from layerroute.store import atomic_write
+    from layerroute.search.baselines import greedy_cost, greedy_order
     from layerroute.tasks import get_task
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,11 +47,12 @@ def main(argv=None) -> None:
         obj = Objective.from_task(ex, tok, task, "search", args.limit, 0, batch_rows=args.batch_rows)
         start = time.perf_counter()
         order = greedy_order(obj, ex.num_layers - args.rounds, reuse_prefix=reuse)
-        rows[name] = (order, obj.cache["greedy_cost"], time.perf_counter() - start)
+        rows[name] = (order, greedy_cost(obj), time.perf_counter() - start)
     (before, cb, tb), (after, ca, ta) = rows.values()
     words = sys.argv[1:] if argv is None else argv
+    command = " ".join(["OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_greedy", *words])
     lines = ["# Greedy removal with and without prefix reuse (SmolLM2-135M-Instruct, CPU)", "",
-             "Command: `OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_greedy " + " ".join(words) + "`", "",
+             f"Command: `{command}`", "",
              f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.threads} torch thread(s) on a 2-core "
              f"machine shared with other jobs, so wall times are rough. Task {task.name}, the first {args.limit} "
              f"search-split samples, {args.rounds} round(s).", "",
@@ -63,7 +66,8 @@ def main(argv=None) -> None:
                   f"are the same either way."]
     text = "\n".join(lines) + "\n"
     print(text)
-    atomic_write(RESULTS / "bench_greedy.md", text)
+    write_report(RESULTS / "bench_greedy.md", text, {"args": vars(args), "rows": [
+        {"scoring": name, "order": order, "cost": c, "seconds": t} for name, (order, c, t) in rows.items()]}, command)
 
 
 if __name__ == "__main__":

@@ -13,24 +13,24 @@ option has the highest log-likelihood, as ``layerroute eval`` counts it.
 
 Resumable and written as it goes: rows go to ``<out>/rows.jsonl`` (a results store) and
 ``experiments/results/<name>.md`` and ``.json`` are rewritten after every row. ``greedy`` runs
-last (it is the costly one; each budget extends the removal order of the one before). Rows may
-be split over processes (``--budgets``, ``--methods``, ``--out``) and rendered together with
-``--render DIR,DIR`` (no compute)::
+last (it is the costly one; each budget extends the removal order of the one before). One command
+makes the whole table (the committed one: ``--trials 12 --greedy-calib-limit 32``)::
 
     OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.static_routes > runs/static_routes.log 2>&1 &
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from layerroute.search.base import SearchError, add_config_arguments, config_from_args, option
+from layerroute.config import option, parse_config
+from layerroute.search.base import SearchError
+from layerroute.tables import ci as ci_text
+from layerroute.tables import pct as pct_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STATIC = ("full", "unified", "drop_last", "similarity", "random", "optuna", "greedy")
@@ -53,7 +53,6 @@ class Args:
     threads: int = option(1, "torch threads")
     out: str = option("runs/static_routes", "folder of the resumable results store")
     name: str = option("static_routes", "writes experiments/results/<name>.md and .json")
-    render: str = option("", "no compute: render the rows of these --out folders (comma-separated)")
 
     def validate(self) -> None:
         unknown = set(self.methods.split(",")) - set(STATIC)
@@ -77,11 +76,11 @@ def plan(args: Args) -> list[tuple[str, float]]:
 
 
 def pct(stats: dict) -> str:
-    return f"{100 * stats['accuracy']:.1f}%"
+    return pct_text(stats["accuracy"])
 
 
 def ci(stats: dict) -> str:
-    return f"{100 * stats['ci95'][0]:.1f}-{100 * stats['ci95'][1]:.1f}"
+    return ci_text(stats["ci95"])
 
 
 def best_static(rows: list[dict], budget: float) -> dict | None:
@@ -99,11 +98,9 @@ def render(rows: list[dict], args: Args, command: str, L: int) -> tuple[str, dic
     pending = [f"{m}@{b:g}" for m, b in plan(args) if not any(r["key"] == f"{m}@{b:g}" for r in rows)]
     greedy_n = args.greedy_calib_limit or args.calib_limit
     commands = list(dict.fromkeys(r.get("command", command) for r in rows))
-    if args.render:
-        commands.append(command)
     lines = [f"# Static routes worth beating on `{args.task}` ({args.model}, test split)", "",
-             "Command" + (f": `{commands[0]}`" if len(commands) == 1 else "s (rows split over processes, then "
-                          "rendered together): " + "; ".join(f"`{c}`" for c in commands)), "",
+             "Command" + (f": `{commands[0]}`" if len(commands) == 1 else "s (the run was resumed with other "
+                          "arguments): " + "; ".join(f"`{c}`" for c in commands)), "",
              f"Date: {dates[0] if dates else '-'} to {dates[-1] if dates else '-'} (UTC; CPU, {args.threads} torch "
              f"thread(s), a 2-core machine shared with other jobs).", "",
              f"Every route is fitted on the first {args.calib_limit} search-split samples (greedy: {greedy_n}); "
@@ -175,31 +172,14 @@ def main(argv=None) -> None:
     from layerroute import RouteExecutor, load_model
     from layerroute.budget import blocks_for_ratio
     from layerroute.objective import Objective
-    from layerroute.search.baselines import BASELINES, route_stats
+    from layerroute.search.baselines import BASELINES, greedy_cost, greedy_progress, remember_route_stats, route_stats
     from layerroute.search.optuna_search import optuna_route
-    from layerroute.store import ResultsStore, atomic_write
+    from layerroute.store import ResultsStore, atomic_write, atomic_write_json
     from layerroute.tasks import get_task
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(p, Args)
-    args = config_from_args(Args, p.parse_args(argv))
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     words = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["OMP_NUM_THREADS=1 python -m layerroute.experiments.static_routes", *words])
-    if args.render:
-        from layerroute.store import read_store
-
-        rows = []
-        for d in args.render.split(","):
-            mine = [r for r in read_store(Path(d) / "rows.jsonl")[1] if r.get("type") == "row"]
-            known = next((r["command"] for r in mine if "command" in r), None)
-            rows += [{"command": known, **r} if known else r for r in mine]  # rows from before commands were kept
-        order = {key: i for i, key in enumerate(f"{m}@{b:g}" for m, b in plan(args))}
-        rows.sort(key=lambda r: order.get(r["key"], len(order)))
-        text, data = render(rows, args, command, max(r["test"]["blocks"] for r in rows))
-        atomic_write(RESULTS / f"{args.name}.md", text)
-        atomic_write(RESULTS / f"{args.name}.json", json.dumps(data, indent=1) + "\n")
-        print(text)
-        return
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
@@ -214,16 +194,17 @@ def main(argv=None) -> None:
     greedy_cal = objective("search", args.greedy_calib_limit, "--greedy-calib-limit") \
         if args.greedy_calib_limit not in (0, args.calib_limit) else cal
     settings = {k: v for k, v in asdict(args).items()
-                if k not in ("threads", "out", "name", "methods", "budgets", "render")}
+                if k not in ("threads", "out", "name", "methods", "budgets")}
     header = {"kind": "static_routes", "settings": settings, "model": ex.fingerprint.to_dict(), "task": task.name,
               "split": "test", "seed": args.seed}
     with ResultsStore(Path(args.out) / "rows.jsonl", header) as store:
         rows = [{"command": command, **r} for r in store.records if r.get("type") == "row"]
         for r in rows:  # a resumed run: routes scored before are not scored again
-            val.cache.setdefault("route_stats", {})[tuple(r["layers"])] = r["val"]
-            test.cache.setdefault("route_stats", {})[tuple(r["layers"])] = r["test"]
-            if r["method"] == "greedy" and len(r["order"]) > len(greedy_cal.cache.get("greedy_order", [])):
-                greedy_cal.cache.update(greedy_order=list(r["order"]), greedy_cost=dict(r["greedy_cost"]))
+            remember_route_stats(val, r["layers"], r["val"])
+            remember_route_stats(test, r["layers"], r["test"])
+            if r["method"] == "greedy" and len(r["order"]) > len(greedy_progress(greedy_cal).order):
+                greedy_progress(greedy_cal).order[:] = r["order"]
+                greedy_cost(greedy_cal).update(r["greedy_cost"])
         for method, budget in plan(args):
             key = f"{method}@{budget:g}"
             if key in store.done():
@@ -238,8 +219,8 @@ def main(argv=None) -> None:
                 extra = {"candidates": candidates}
             elif method == "greedy":
                 route = BASELINES["greedy"](greedy_cal, k, args.seed)
-                extra = {"greedy_calib_n": len(greedy_cal), "order": greedy_cal.cache["greedy_order"][:L - k],
-                         "greedy_cost": dict(greedy_cal.cache["greedy_cost"])}
+                extra = {"greedy_calib_n": len(greedy_cal), "order": greedy_progress(greedy_cal).order[:L - k],
+                         "greedy_cost": dict(greedy_cost(greedy_cal))}
             else:
                 route = BASELINES[method](cal, k, args.seed)
             fitted_on = None if method == "full" else len(greedy_cal if method == "greedy" else cal)
@@ -252,7 +233,7 @@ def main(argv=None) -> None:
             rows.append(row)
             text, data = render(rows, args, command, L)
             atomic_write(RESULTS / f"{args.name}.md", text)
-            atomic_write(RESULTS / f"{args.name}.json", json.dumps(data, indent=1) + "\n")
+            atomic_write_json(RESULTS / f"{args.name}.json", data, indent=1, sort_keys=False)
             print(f"{key}: test {pct(row['test'])} ({ci(row['test'])}), val {pct(row['val'])}, {route.cost} blocks "
                   f"({row['seconds']} s)", flush=True)
 

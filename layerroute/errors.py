@@ -31,3 +31,7 @@ class RouteError(LayerRouteError, ValueError):
 
 class FingerprintMismatchError(RouteError):
     """A route (or any saved artifact) made for a different model."""
+
+
+class TaskError(LayerRouteError, ValueError):
+    """A task spec, data file or option that is malformed, unknown or unavailable."""

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError, LayerRouteError, NotExactError, RouteError
-from .models import DecoderStack, _first_line, decoder_stack
 from .route import Route, resolve_route
 from .sparse import ABSENT, DENSE, bool_mask, check_rule, check_token_mask, sparse_block
+from .stack import DecoderStack, _first_line, decoder_stack
 
 Chains = tuple[tuple[int, ...], ...]
 
@@ -337,6 +337,8 @@ class RouteExecutor:
         ``token_rule`` says how ``token_mask`` runs (``layerroute.sparse``): ``"dense"`` runs each
         block on every token and keeps the executed tokens' results; ``"kv-kept"`` computes the
         same on the executed tokens only; ``"absent"`` removes skipped tokens from the block.
+        ``token_mask`` may also be a callable ``(layer, hidden [rows, T, H]) -> bool [rows, T]`` that
+        decides from the state entering each block (per-token routers, ``routers/token_router.py``).
         """
         check_rule(token_rule)
         chains = self._chains(chains, state.hidden.shape[0], allow_empty=True)
@@ -372,9 +374,8 @@ class RouteExecutor:
                 if window not in full_masks:
                     full_masks[window] = bool_mask(state.masks[window], lambda: _build_mask(
                         state.attention_mask, state.past, q, window, "sdpa", hidden.dtype, allow_none=False))
-                full, keep = full_masks[window], tm[:, layer, state.past:state.past + q]
-                if rows is not None:
-                    full, keep = full.index_select(0, rows), keep.index_select(0, rows)
+                full = full_masks[window] if rows is None else full_masks[window].index_select(0, rows)
+                keep = _keep(tm, layer, h, rows, state.past, q)
                 out = sparse_block(st.layers[layer], h, keep, full, rule=token_rule,
                                    attn_implementation=st.attn_implementation, position_ids=pos,
                                    position_embeddings=pe, past=state.past, cache=cache, slot=first + s)
@@ -389,8 +390,7 @@ class RouteExecutor:
             )
             out = out[0] if isinstance(out, tuple) else out
             if tm is not None:
-                keep = tm[:, layer, state.past:state.past + q, None]  # [B, T, 1]
-                out = torch.where(keep if rows is None else keep.index_select(0, rows), out, h)
+                out = torch.where(_keep(tm, layer, h, rows, state.past, q)[..., None], out, h)
             hidden = out if rows is None else hidden.index_copy(0, rows, out)
             if record is not None:
                 for b in step.row_list:
@@ -402,6 +402,10 @@ class RouteExecutor:
     def finish(self, state: RouteState, logits_to_keep: int = 0) -> torch.Tensor:
         """Final norm and LM head: logits [B, T or logits_to_keep, V]."""
         hidden = state.hidden if not logits_to_keep else state.hidden[:, -logits_to_keep:]
+        return self.head_logits(hidden)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``finish`` on a hidden tensor, with autograd left as the caller has it (router training)."""
         logits = self.stack.head(self.stack.norm(hidden))
         if self.stack.logit_divisor is not None:
             logits = logits / self.stack.logit_divisor
@@ -482,9 +486,9 @@ class RouteExecutor:
         mask = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(self.device).bool())
         check_left_padded(mask)
-        if token_mask is not None:
+        if token_mask is not None and not callable(token_mask):
             check_token_mask(token_mask)
-        if token_mask is not None and token_mask.shape[-1] < ids.shape[1] + max_new_tokens:
+        if token_mask is not None and not callable(token_mask) and token_mask.shape[-1] < ids.shape[1] + max_new_tokens:
             raise RouteError(f"token_mask covers {token_mask.shape[-1]} tokens but prompt plus new tokens "
                              f"need {ids.shape[1] + max_new_tokens}")
         warpers = LogitsProcessorList()
@@ -580,8 +584,8 @@ class RouteExecutor:
         return chains
 
     def _token_mask(self, token_mask, batch: int, columns: int):
-        if token_mask is None:
-            return None
+        if token_mask is None or callable(token_mask):
+            return token_mask
         check_token_mask(token_mask)
         tm = token_mask.to(self.device).bool()
         if tm.dim() == 2:
@@ -590,6 +594,19 @@ class RouteExecutor:
             raise RouteError(f"token_mask must be [batch={batch}, layers={self.num_layers}, tokens>={columns}] "
                              f"(or without the batch dim), got {tuple(token_mask.shape)}")
         return tm
+
+
+def _keep(tm, layer: int, h: torch.Tensor, rows, past: int, q: int) -> torch.Tensor:
+    """Which tokens of the step's rows execute ``layer``: [rows, q] bool, from the mask tensor or from a
+    decision callable ``tm(layer, hidden)`` that reads the state entering the block (per-token routers)."""
+    if callable(tm):
+        keep = tm(layer, h)
+        if keep.shape != h.shape[:2] or keep.dtype != torch.bool:
+            raise RouteError(f"a token_mask callable must return a bool [rows, tokens] = {tuple(h.shape[:2])} "
+                             f"tensor, got {keep.dtype} {tuple(keep.shape)}")
+        return keep
+    keep = tm[:, layer, past:past + q]
+    return keep if rows is None else keep.index_select(0, rows)
 
 
 def _check_cache_rule(cache: RouteKVCache, rule: str) -> None:

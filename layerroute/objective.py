@@ -29,6 +29,8 @@ labels that margins and ``correct`` are computed against.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,17 +38,20 @@ from dataclasses import dataclass
 import torch
 
 from .budget import Budget
-from .errors import LayerRouteError
-from .executor import RouteExecutor, RouteState
+from .evaluation import limit_examples
+from .executor import RouteExecutor
+from .prefix import DEFAULT_CACHE_BYTES, PrefixCache, PrefixState
 from .route import Route
-from .scoring import (encode_texts, gold_continuation, join_continuations, left_pad, pack_options, packed_logliks,
-                      packed_targets, task_prompts)
+from .scoring import (ScoringError, continuation_logliks, encode_texts, left_pad, margin, option_logliks, score_batch,
+                      scoring_rows, task_prompts)
 from .tasks.base import LETTERS, stable_rng
 
 REWARDS = ("margin", "correct")
+__all__ = ["Objective", "ObjectiveError", "PrefixCache", "PrefixState", "REWARDS", "Scores", "memoised",
+           "null_option"]
 
 
-class ObjectiveError(LayerRouteError, ValueError):
+class ObjectiveError(ScoringError):
     """An objective setting that cannot work: unknown reward, bad lambda, no examples, ..."""
 
 
@@ -61,33 +66,26 @@ class Scores:
     reward: torch.Tensor
 
 
-class PrefixState:
-    """The rows of some samples part-way along their routes (see ``Objective.begin``).
+def memoised(fn):
+    """``fn(objective, *args)`` computed once per objective and (hashable) arguments, and kept on the
+    objective: the named work that searchers and envs share (a projection, a removal order, ...).
+    ``fn.remember(objective, value, *args)`` sets what a call would return (a resumed run)."""
+    signature = inspect.signature(fn)
 
-    ``samples`` are objective sample indices, ``blocks`` the blocks run so far per sample,
-    ``sizes`` the rows per sample (a cloze sample has one row per option).
-    """
+    def key(obj, args) -> tuple:
+        bound = signature.bind(obj, *args)
+        bound.apply_defaults()
+        return (fn.__module__, fn.__qualname__, tuple(bound.arguments.values())[1:])
 
-    def __init__(self, samples, state: RouteState, blocks, sizes):
-        self.samples, self.state = tuple(samples), state
-        self.blocks, self.sizes = tuple(blocks), tuple(sizes)
+    @functools.wraps(fn)
+    def wrapper(obj, *args):
+        k = key(obj, args)
+        if k not in obj._memo:
+            obj._memo[k] = fn(obj, *args)
+        return obj._memo[k]
 
-    def select(self, j: int) -> PrefixState:
-        """The state of the ``j``-th sample alone."""
-        lo = sum(self.sizes[:j])
-        return PrefixState((self.samples[j],), self.state.select(range(lo, lo + self.sizes[j])), (self.blocks[j],),
-                           (self.sizes[j],))
-
-    @staticmethod
-    def concat(states: Sequence[PrefixState]) -> PrefixState:
-        """Stack states (for example MCTS nodes of many samples) to advance them in one call."""
-        if len(states) == 1:
-            return states[0]
-        return PrefixState([s for p in states for s in p.samples], RouteState.concat([p.state for p in states]),
-                           [b for p in states for b in p.blocks], [n for p in states for n in p.sizes])
-
-    def nbytes(self) -> int:
-        return self.state.hidden.numel() * self.state.hidden.element_size()
+    wrapper.remember = lambda obj, value, *args: obj._memo.__setitem__(key(obj, args), value)
+    return wrapper
 
 
 class Objective:
@@ -95,7 +93,8 @@ class Objective:
 
     def __init__(self, executor: RouteExecutor, tokenizer, task, examples=None, *, reward: str = "margin",
                  lam: float = 0.0, budget: Budget | str | float | None = None, chat: bool = True,
-                 batch_rows: int = 64, pack: bool = True, null_seed: int | None = None):
+                 batch_rows: int = 64, pack: bool = True, null_seed: int | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         if reward not in REWARDS:
             raise ObjectiveError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
@@ -120,77 +119,36 @@ class Objective:
         if self.max_blocks is not None and self.max_blocks > 4 * L:
             raise ObjectiveError(f"budget {self.budget.describe()} is far beyond the model's {L} blocks")
         self.has_correct = task.kind in ("choice", "generate")
-        self.cache: dict = {}  # work that searchers reuse across calls (e.g. greedy's removal order)
+        self.prefixes = PrefixCache(cache_bytes)  # the one prefix-state cache (MCTS, Optuna, greedy, the env)
+        self._memo: dict = {}  # what ``memoised`` functions computed on this objective
         self.prompts = task_prompts(tokenizer, task, self.examples, chat)
-        self.packed = pack and task.kind == "choice" and task.choice_scoring == "cloze"
-        self._tokenize()
-        if self.packed and not _packing_is_exact(self):
-            self.packed = False
-            self._tokenize()
+        self._tokenize(pack)
 
     @classmethod
     def from_task(cls, executor: RouteExecutor, tokenizer, task, split: str = "search", limit: int | None = None,
                   seed: int = 0, option: str = "--limit", **kwargs) -> Objective:
         """An objective over the first ``limit`` examples of ``task``'s ``split`` (search by default)."""
-        from .evaluation import limit_examples
-
         examples = limit_examples(task.split(split, seed).examples, limit, option)
         if not examples:
             raise ObjectiveError(f"task {task.name} has no examples in its {split!r} split (seed {seed})")
         return cls(executor, tokenizer, task, examples, **kwargs)
 
     # ---- preparation ------------------------------------------------------------------------
-    def _tokenize(self) -> None:
-        """Rows, their continuation lengths, and the gold row of each sample, once."""
-        task, tok = self.task, self.tokenizer
-        seqs, cont, owner, segs = [], [], [], []
-        self.letter_ids = self.segments = None
-        if task.kind == "choice" and task.choice_scoring == "letter":
-            letters = LETTERS[: max(len(ex.choices) for ex in self.examples)]
-            self.letter_ids = torch.tensor([encode_texts(tok, [" " + x])[0][-1] for x in letters])
-        for i, (ex, prompt) in enumerate(zip(self.examples, self.prompts)):
-            if task.kind == "choice" and task.choice_scoring == "cloze":
-                conts = [" " + opt for opt in ex.choices]
-            elif self.letter_ids is not None:
-                conts = [None]
-            else:
-                conts = [gold_continuation(task, ex)]
-            if conts == [None]:
-                seqs += encode_texts(tok, [prompt])
-                cont.append(0)
-            elif self.packed:  # one row: the prompt once, then every option (see RouteExecutor.begin)
-                rows, lens = join_continuations(tok, [prompt] * len(conts), conts)
-                shared = len(rows[0]) - lens[0]
-                seq, seg = pack_options(rows[0][:shared], [r[shared:] for r in rows])
-                seqs.append(seq)
-                segs.append(seg)
-                cont.append(sum(lens))
-                owner.append(i)
-                continue
-            else:
-                rows, lens = join_continuations(tok, [prompt] * len(conts), conts)
-                seqs += rows
-                cont += lens
-            owner += [i] * len(conts)
-        empty = next((self.examples[owner[r]].uid for r, q in enumerate(seqs) if len(q) == cont[r]), None)
+    def _tokenize(self, pack: bool) -> None:
+        """Rows (``scoring.Rows``: one per sample, or per option), and the gold row of each sample, once."""
+        self.rows = rows = scoring_rows(self.executor, self.tokenizer, self.task, self.examples, self.prompts, pack)
+        empty = rows.empty_sample()
         if empty is not None:
-            raise ObjectiveError(f"example {empty} of task {task.name} renders to an empty prompt")
-        self.ids, self.mask = left_pad(seqs, tok, "cpu")
-        self.row_tokens = torch.tensor([len(s) for s in seqs])
-        self.cont_len = torch.tensor(cont)
-        self.owner = torch.tensor(owner)
+            raise ObjectiveError(f"example {self.examples[empty].uid} of task {self.task.name} renders to an "
+                                 f"empty prompt")
+        self.ids, self.mask, self.row_tokens, self.cont_len = rows.ids, rows.mask, rows.row_tokens, rows.cont_len
+        self.owner, self.first_row, self.num_rows, self.keep = rows.owner, rows.first_row, rows.num_rows, rows.keep
+        self.letter_ids, self.packed, self.segments = rows.letter_ids, rows.packed, rows.segments
         # the gold option (choice tasks: among the letters or the cloze rows), else the one row
-        self.gold_index = torch.tensor([LETTERS.index(ex.answer) if task.kind == "choice" else 0
+        self.gold_index = torch.tensor([LETTERS.index(ex.answer) if self.task.kind == "choice" else 0
                                         for ex in self.examples])
         self.target_index = self.gold_index if self.null_seed is None else torch.tensor(
             [null_option(ex, self.null_seed) for ex in self.examples])
-        self.first_row = torch.tensor([0] + torch.bincount(self.owner, minlength=len(self.examples)).cumsum(0)
-                                      .tolist()[:-1])
-        self.num_rows = torch.bincount(self.owner, minlength=len(self.examples))
-        self.keep = int(self.cont_len.max()) + 1 if self.letter_ids is None else 1
-        if self.packed:
-            self.segments, self.option_pos, self.option_target, self.option_valid = packed_targets(self.ids, segs,
-                                                                                                   self.keep)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -200,12 +158,31 @@ class Objective:
         return self.executor.num_layers
 
     def rows_of(self, samples: Sequence[int]) -> torch.Tensor:
-        return torch.cat([torch.arange(int(self.first_row[i]), int(self.first_row[i] + self.num_rows[i]))
-                          for i in samples])
+        return self.rows.rows_of(samples)
 
     def tokens(self, samples: Sequence[int]) -> torch.Tensor:
         """Real tokens (all rows) of each sample: the unit that block executions multiply."""
-        return torch.tensor([int(self.row_tokens[self.rows_of([i])].sum()) for i in samples])
+        return self.rows.tokens(samples)
+
+    # ---- memoised views of the examples -------------------------------------------------------
+    def prompt_mask(self) -> torch.Tensor:
+        """[R, W] bool: the prompt's real tokens of every row (the continuation excluded)."""
+        if "prompt_mask" not in self._memo:
+            width = self.ids.shape[1]
+            cols = torch.arange(width)[None, :]
+            self._memo["prompt_mask"] = self.mask.bool() & (cols < width - self.cont_len[:, None])
+        return self._memo["prompt_mask"]
+
+    def last_token_states(self, batch_size: int = 8) -> torch.Tensor:
+        """[L+1, N, H] identity-route hidden states at each prompt's last token (computed once)."""
+        if "last_token_states" not in self._memo:
+            ids_all, parts = encode_texts(self.tokenizer, self.prompts), []
+            for i in range(0, len(ids_all), batch_size):
+                ids, mask = left_pad(ids_all[i:i + batch_size], self.tokenizer, self.executor.device)
+                hs = self.executor(ids, mask, output_hidden_states=True, logits_to_keep=1).hidden_states
+                parts.append(torch.stack([h[:, -1].float() for h in hs]))
+            self._memo["last_token_states"] = torch.cat(parts, dim=1)
+        return self._memo["last_token_states"]
 
     # ---- the walk ---------------------------------------------------------------------------
     def begin(self, samples: Sequence[int]) -> PrefixState:
@@ -227,61 +204,33 @@ class Objective:
         return PrefixState(prefix.samples, state, [b + len(c) for b, c in zip(prefix.blocks, chains)],
                            prefix.sizes)
 
+    def _logp(self, prefix: PrefixState) -> torch.Tensor:
+        """Log-probs [R, keep, V] of the routes that end at ``prefix``."""
+        return torch.log_softmax(self.executor.finish(prefix.state, self.keep).float(), dim=-1)
+
     def finish(self, prefix: PrefixState) -> Scores:
         """Scores of the routes that end at ``prefix``."""
-        logits = self.executor.finish(prefix.state, self.keep).float()  # [R, keep, V]
-        rows = self.rows_of(prefix.samples)
-        return self._scores(prefix.samples, rows, logits, torch.tensor(prefix.blocks))
-
-    def _scores(self, samples, rows, logits, blocks) -> Scores:
-        logp = torch.log_softmax(logits, dim=-1)
+        samples, logp = prefix.samples, self._logp(prefix)
+        rows = self.rows_of(samples)
         target = self.target_index[torch.tensor(samples)].tolist()
         if self.task.kind == "choice":  # the scorer's rule: the highest log-likelihood, first on ties
-            options = self._option_logliks(samples, rows, logp)
-            margin = torch.stack([_margin(lp, t) for lp, t in zip(options, target)])
+            options = option_logliks(self.rows, samples, rows, logp)
+            margins = torch.stack([margin(lp, t) for lp, t in zip(options, target)])
             correct = [int(lp.argmax()) == t for lp, t in zip(options, target)]
         else:  # minus the gold NLL per token
-            margin = torch.stack([part[0] / n[0] for part, n in self._continuation_logliks(samples, rows, logp)])
+            margins = torch.stack([part[0] / n[0] for part, n in continuation_logliks(self.rows, samples, rows, logp)])
             correct = [False] * len(samples)
-        return self.reward_of(margin.cpu(), torch.tensor(correct, dtype=torch.bool), blocks)
-
-    def _option_logliks(self, samples, rows, logp) -> list[torch.Tensor]:
-        """Per sample of a choice task: the log-likelihood of each option under the task's scoring."""
-        if self.letter_ids is not None:  # one row per sample: letters at the last position
-            lp = logp[:, -1][:, self.letter_ids]  # [N, letters]
-            return [lp[j, :len(self.examples[i].choices)] for j, i in enumerate(samples)]
-        return [part for part, _ in self._continuation_logliks(samples, rows, logp)]
+        return self.reward_of(margins.cpu(), torch.tensor(correct, dtype=torch.bool), torch.tensor(prefix.blocks))
 
     def option_logliks(self, prefix: PrefixState) -> torch.Tensor:
         """[N, K] log-likelihood of each option of the routes that end at ``prefix`` (choice tasks;
         -inf beyond a sample's options): one forward gives the margin against any label."""
         if self.task.kind != "choice":
             raise ObjectiveError(f"task {self.task.name} is a {self.task.kind} task: it has no options")
-        logits = self.executor.finish(prefix.state, self.keep).float()
-        rows = self.rows_of(prefix.samples)
-        options = self._option_logliks(prefix.samples, rows, torch.log_softmax(logits, dim=-1))
+        options = option_logliks(self.rows, prefix.samples, self.rows_of(prefix.samples), self._logp(prefix))
         out = torch.full((len(options), max(len(o) for o in options)), -math.inf)
         for j, o in enumerate(options):
             out[j, :len(o)] = o.cpu()
-        return out
-
-    def _continuation_logliks(self, samples, rows, logp) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per sample: the summed log-likelihood of each continuation (cloze: each option) and its tokens."""
-        dev, out = logp.device, []
-        if self.packed:  # one row per sample
-            option_lp, lens = packed_logliks(logp, self.option_pos[rows], self.option_target[rows],
-                                             self.option_valid[rows])  # [R, K]
-            return [(option_lp[j, :len(self.examples[i].choices)], lens[j, :len(self.examples[i].choices)])
-                    for j, i in enumerate(samples)]
-        targets = self.ids[rows].to(dev)[:, -self.keep + 1:]  # [R, keep-1]
-        tok_lp = logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
-        n = self.cont_len[rows].to(dev)
-        in_cont = torch.arange(self.keep - 1, device=dev)[None, :] >= (self.keep - 1 - n[:, None])
-        row_lp, r = (tok_lp * in_cont).sum(-1), 0
-        for i in samples:
-            k = int(self.num_rows[i])
-            out.append((row_lp[r:r + k], n[r:r + k]))
-            r += k
         return out
 
     def continuation_logliks(self, samples: Sequence[int], chains) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -293,8 +242,7 @@ class Objective:
         out, j = [], 0
         for chunk in self.batches(samples):
             state = self.advance(self.begin(chunk), chains[j:j + len(chunk)])
-            logits = self.executor.finish(state.state, self.keep).float()
-            out += self._continuation_logliks(chunk, self.rows_of(chunk), torch.log_softmax(logits, dim=-1))
+            out += continuation_logliks(self.rows, chunk, self.rows_of(chunk), self._logp(state))
             j += len(chunk)
         return out
 
@@ -338,8 +286,6 @@ class Objective:
 
     def _score_generated(self, samples, chains) -> Scores:
         """``correct`` on generate tasks: greedy decoding along each route, then exact match."""
-        from .scoring import score_batch
-
         fp = self.executor.fingerprint
         margin, correct = [], []
         for j in range(0, len(samples), self.batch_rows):
@@ -363,36 +309,8 @@ class Objective:
         return int(i)
 
 
-def _packing_is_exact(obj: Objective, samples: int = 4) -> bool:
-    """Whether packed rows score as separate rows do on this model (identity route, first
-    ``samples`` samples), checked once per executor; a model that places or masks tokens
-    its own way (not by position ids and the 4D mask) gets separate rows, with a warning."""
-    ex = obj.executor
-    if not hasattr(ex, "_packing_exact"):
-        import warnings
-
-        n = min(samples, len(obj))
-        plain = Objective(ex, obj.tokenizer, obj.task, obj.examples[:n], chat=obj.chat, pack=False,
-                          null_seed=obj.null_seed)
-        identity = [tuple(range(obj.num_layers))] * n
-        a, b = obj.score(range(n), identity).margin, plain.score(range(n), identity).margin
-        tol = 2e-3 if next(ex.model.parameters()).dtype in (torch.float32, torch.float64) else 2e-1
-        ex._packing_exact = bool(torch.allclose(a, b, atol=tol, rtol=0, equal_nan=True))
-        if not ex._packing_exact:
-            warnings.warn(f"{type(ex.model).__name__}: options packed behind one shared prompt do not score as "
-                          f"separate rows (margins {a.tolist()} against {b.tolist()}); scoring each option in its "
-                          f"own row instead (slower)", stacklevel=3)
-    return ex._packing_exact
-
-
 def null_option(example, seed: int) -> int:
     """A seeded random wrong option of a choice ``example`` (never its answer): its null label."""
     gold = LETTERS.index(example.answer)
     wrong = [k for k in range(len(example.choices)) if k != gold]
     return wrong[stable_rng(f"null:{seed}:{example.uid}").randrange(len(wrong))]
-
-
-def _margin(lp: torch.Tensor, gold: int) -> torch.Tensor:
-    """Gold log-likelihood minus the best wrong option's."""
-    others = torch.cat([lp[:gold], lp[gold + 1:]])
-    return lp[gold] - others.max()

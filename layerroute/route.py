@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RouteError
-from .models import ModelFingerprint
+from .store import atomic_write
+from .stack import ModelFingerprint
 
 FORMAT_VERSION = 1
 _MAX_LAYERS = 100_000  # bounds a spec checked without a model
@@ -142,7 +143,7 @@ class Route:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        atomic_write(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, data: dict, fingerprint: ModelFingerprint | None = None) -> Route:

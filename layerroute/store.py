@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from .errors import LayerRouteError
+from .stack import weights_digest
 
 FORMAT = "layerroute.results"
 VERSION = 1
@@ -39,18 +40,51 @@ def environment() -> dict:
     import torch
     import transformers
 
-    from . import __version__
-
-    return {"layerroute": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"layerroute": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def _version() -> str:
+    """layerroute's version, as installed (read without importing the package's ``__init__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("layerroute")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _temporary(path: Path) -> Path:
+    """A unique temporary name beside ``path`` (so the final rename stays on one file system)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
 
 
 def atomic_write(path: str | Path, text: str) -> None:
     """Write ``path`` through a uniquely named temporary file and a rename: readers see all or nothing."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp = _temporary(path)
     try:
         tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, data, *, indent: int | None = 2, sort_keys: bool = True,
+                      **dumps) -> None:
+    """Write ``data`` as JSON (and a final newline) atomically, as ``atomic_write`` does."""
+    atomic_write(path, json.dumps(data, indent=indent, sort_keys=sort_keys, **dumps) + "\n")
+
+
+def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Save ``tensors`` (moved to the CPU, made contiguous) as a safetensors file atomically: through a
+    uniquely named temporary file and a rename, so a reader never sees half a weights file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -86,8 +120,6 @@ def read_safetensors(path: str | Path, error: type[Exception], missing: str) -> 
 def check_weights_digest(model, digest, where, error: type[Exception], what: str, redo: str) -> None:
     """Refuse ``what`` (saved at ``where`` with the weights ``digest`` of the checkpoint it was made
     on) on a model whose weights differ, or when it records no digest; ``redo`` says how to fix it."""
-    from .models import weights_digest
-
     if not isinstance(digest, str) or not digest:
         raise error(f"{where}: this {what} records no weights digest (it was saved before layerroute required "
                     f"one), so the checkpoint it was made on is unknown; {redo}")
@@ -108,8 +140,6 @@ def check_store_weights(path, model) -> None:
 def model_header(executor) -> dict:
     """What a store's header records of the model: its shape (fingerprint) and its weights digest,
     so results and labels are never mixed across checkpoints of the same shape."""
-    from .models import weights_digest
-
     return {"model": executor.fingerprint.to_dict(), "weights_digest": weights_digest(executor.model)}
 
 

@@ -13,7 +13,6 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -25,7 +24,7 @@ from layerroute.executor import RouteExecutor
 from layerroute.models import ModelFingerprint
 from layerroute.registry import Registry
 from layerroute.route import Route
-from layerroute.store import atomic_write, describe_file, read_json
+from layerroute.store import atomic_write_json, describe_file, read_json
 
 CONFIG_NAME = "policy_config.json"
 
@@ -69,8 +68,7 @@ class RoutingPolicy(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_weights(directory)
-        atomic_write(directory / CONFIG_NAME, json.dumps({"type": self.type, **self.config()}, indent=2,
-                                                         sort_keys=True) + "\n")
+        atomic_write_json(directory / CONFIG_NAME, {"type": self.type, **self.config()})
         return directory
 
     def save_weights(self, directory: Path) -> None:

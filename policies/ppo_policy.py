@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from layerroute.envs.mdp import MDPSpec, ObsProjection, Progress, check_finite, full_route_points, observe, pool
 from layerroute.route import Route
-from layerroute.store import check_tensors, check_weights_digest, read_safetensors
+from layerroute.store import atomic_save_safetensors, check_tensors, check_weights_digest, read_safetensors
 
 from .base import CONFIG_NAME, PolicyError, RoutingPolicy, register_policy
 
@@ -123,10 +122,10 @@ class PPOPolicy(RoutingPolicy):
                 "weights": WEIGHTS, "weights_digest": self.weights_digest}
 
     def save_weights(self, directory: Path) -> None:
-        tensors = {f"actor.{k}": v.detach().cpu().contiguous() for k, v in self.actor.state_dict().items()}
-        tensors.update({k: v.cpu().contiguous() for k, v in self.proj.tensors().items()})
-        save_file(tensors, str(directory / WEIGHTS), metadata={"format": "layerroute.ppo_policy",
-                                                               "mode": self.spec.mode})
+        tensors = {f"actor.{k}": v for k, v in self.actor.state_dict().items()}
+        tensors.update(self.proj.tensors())
+        atomic_save_safetensors(directory / WEIGHTS, tensors, metadata={"format": "layerroute.ppo_policy",
+                                                                        "mode": self.spec.mode})
 
     @classmethod
     def from_config(cls, config, directory, executor):

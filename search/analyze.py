@@ -23,7 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerroute.errors import LayerRouteError
-from layerroute.evaluation import mean_interval, newcombe_interval, wilson_interval
+from layerroute.evaluation import mean_interval, newcombe_interval
+from layerroute.tables import pct, row, share
 from layerroute.store import atomic_write, read_store
 
 from .labels import check_pair, margin_gain, null_store_for, null_threshold, robust_layers
@@ -133,13 +134,6 @@ def analyze(records: list[dict], num_layers: int) -> dict:
     return out
 
 
-def _pct(k: int, n: int) -> str:
-    if not n:
-        return "n/a (no samples)"
-    lo, hi = wilson_interval(k, n)
-    return f"{100 * k / n:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), n={n}"
-
-
 def _diff(g: tuple[int, int], z: tuple[int, int]) -> str:
     if not g[1] or not z[1]:
         return "n/a"
@@ -158,11 +152,6 @@ FIGURES = [("best route correct", "ORACLE accuracy: the best route picks the lab
 def report(store, output=None, null=None) -> str:
     """Analyze ``store`` against its null search; write analyze.md and the PNGs to ``output``
     (default: the store's folder)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     header, gold, nulls = load_pair(store, null)
     L = int((header.get("model") or {}).get("num_layers") or gold[0]["num_layers"])
     if gold[0].get("correct") is None:
@@ -171,9 +160,17 @@ def report(store, output=None, null=None) -> str:
     store = Path(store)
     out = Path(output) if output else (store if store.is_dir() else store.parent)
     out.mkdir(parents=True, exist_ok=True)
+    text = _report_text(header, c, L, f"Store: `{store}` against `{null or null_store_for(store)}`")
+    _plots(gold, nulls, c, L, out)
+    atomic_write(out / "analyze.md", text + "\n")
+    return text
+
+
+def _report_text(header: dict, c: dict, L: int, stores: str) -> str:
+    """analyze.md: the figures gold against null, then the robust labels."""
     st, n = header.get("settings", {}), c["samples"]
     rows = ["# MCTS analysis: gold labels against null labels (ORACLE upper bounds beside their chance level)", "",
-            f"Store: `{store}` against `{null or null_store_for(store)}`; task {header.get('task')}, split "
+            f"{stores}; task {header.get('task')}, split "
             f"{header.get('split')}, seed {header.get('seed')}, space {st.get('space')}, {st.get('simulations')} "
             f"simulations, reward {st.get('reward', 'margin')}, lambda {st.get('lam', 0)}, budget "
             f"{st.get('budget') or 'none'}; {n} samples in both, L = {L}. Null: the same search with each label "
@@ -181,28 +178,34 @@ def report(store, output=None, null=None) -> str:
             f"Wilson, and Newcombe for the difference.", "",
             "| figure | gold (ORACLE) | null (chance) | gold - null |", "|---|---|---|---|"]
     for key, text in FIGURES:
-        rows.append(f"| {text} | {_pct(*c['gold'][key])} | {_pct(*c['null'][key])} | "
-                    f"{_diff(c['gold'][key], c['null'][key])} |")
+        rows.append(row(text, share(*c['gold'][key]), share(*c['null'][key]), _diff(c['gold'][key], c['null'][key])))
     (gm, glo, ghi), (zm, zlo, zhi) = c["gain"]["gold"], c["gain"]["null"]
     rows += [f"| ORACLE: mean margin gain of the best route (nats) | {gm:.3f} ({glo:.3f} to {ghi:.3f}) | "
              f"{zm:.3f} ({zlo:.3f} to {zhi:.3f}) | {gm - zm:+.3f} |", "",
              f"**Robust labels.** Threshold: a margin gain of {c['threshold']:.3f} nats, which at most 5% of the null "
-             f"samples exceed. Samples whose best route gains more keep it as their label: {_pct(c['kept'], n)}; "
+             f"samples exceed. Samples whose best route gains more keep it as their label: {share(c['kept'], n)}; "
              f"the others are labelled with the full route.", "",
              "| labels | executed share of blocks | skip block 0 | contain a repeat |", "|---|---|---|---|"]
     for name, key in (("best routes (raw ORACLE labels)", "best_routes"), ("robust labels", "robust_labels")):
         ls = c[key]
-        rows.append(f"| {name} | {100 * ls['executed_share']:.1f}% | {100 * ls['skip_block_0']:.1f}% | "
-                    f"{100 * ls['with_repeat']:.1f}% |")
+        rows.append(row(name, pct(ls['executed_share']), pct(ls['skip_block_0']), pct(ls['with_repeat'])))
     rows += ["", "Per-layer actions of the best routes: `actions.png`; margin gains, gold and null: `rewards.png`.", ""]
-    text = "\n".join(rows)
+    return "\n".join(rows)
+
+
+def _plots(gold, nulls, c: dict, L: int, out: Path) -> None:
+    """actions.png (per-layer actions of the best routes) and rewards.png (margin gains, gold and null)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     freq = [analyze(gold, L)["action_frequencies"][k] for k in ACTIONS]
     fig, ax = plt.subplots(figsize=(max(6, L * 0.3), 2.4))
     im = ax.imshow(freq, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(3), ACTIONS)
     ax.set_xlabel("layer")
-    ax.set_title(f"Best-route action frequency per layer (ORACLE, n={n})")
+    ax.set_title(f"Best-route action frequency per layer (ORACLE, n={c['samples']})")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / "actions.png", dpi=100)
@@ -218,5 +221,3 @@ def report(store, output=None, null=None) -> str:
     fig.tight_layout()
     fig.savefig(out / "rewards.png", dpi=100)
     plt.close(fig)
-    atomic_write(out / "analyze.md", text + "\n")
-    return text

@@ -20,12 +20,13 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from tqdm.auto import tqdm
 
+from layerroute.config import add_config_arguments, config_from_args, option  # noqa: F401  (re-exported for searchers)
 from layerroute.errors import LayerRouteError
 from layerroute.objective import Objective
 from layerroute.registry import Registry
@@ -51,11 +52,6 @@ def get_searcher(name: str) -> type[Searcher]:
 
     load_searchers()  # every searcher module registers itself on import
     return SEARCHERS.get_or_raise(name)
-
-
-def option(default, help: str, **kw):
-    """A ``Config`` field with its CLI help text."""
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -163,26 +159,3 @@ class RandomSearch(Searcher):
         best = max(records, key=lambda r: r["reward"])
         return {"route": self.route(best["layers"]).to_dict(), "reward": best["reward"], "blocks": best["blocks"]}
 
-
-# ---- the generic CLI entry ------------------------------------------------------------------
-
-def add_config_arguments(parser, config_cls: type[SearchConfig]) -> None:
-    """One ``--option`` per field of ``config_cls`` (help from the field's metadata)."""
-    for f in fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        if "default" not in help_ and f.default not in ("", None):  # (a help that names its default keeps it)
-            help_ += " (default: %(default)s)"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, default=f.default, help=help_,
-                                action="store_false" if f.default else "store_true")
-        else:
-            parser.add_argument(flag, dest=f.name, default=f.default, type=type(f.default), help=help_,
-                                choices=f.metadata.get("choices"))
-
-
-def config_from_args(config_cls: type[SearchConfig], args) -> SearchConfig:
-    """The searcher's config from parsed arguments, validated (before any model is loaded)."""
-    config = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
-    config.validate()
-    return config

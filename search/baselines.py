@@ -26,17 +26,19 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from layerroute.budget import blocks_for_ratio
 from layerroute.errors import RouteError
+from layerroute.evaluation import evaluate, wilson_interval
 from layerroute.executor import RouteExecutor
-from layerroute.objective import Objective
+from layerroute.objective import Objective, memoised
+from layerroute.registry import Registry
 from layerroute.route import Route
-from layerroute.scoring import encode_texts, left_pad
+from layerroute.tables import ci, pct, table
 
 from .base import Searcher, register_searcher
 
@@ -60,15 +62,13 @@ class BaselineSearch(Searcher):
         return {"route": self.route(r["layers"]).to_dict(), "reward": r["reward"], "blocks": r["blocks"]}
 
 
-BASELINES: dict[str, Callable[[Objective, int, int], Route]] = {}
+BASELINES = Registry("baseline", RouteError)  # name -> fn(objective, k, seed) -> Route
 
 
 def register_baseline(name: str):
     """Register ``fn(objective, k, seed) -> Route`` as static baseline ``name`` (and as a searcher)."""
     def deco(fn):
-        if name in BASELINES:
-            raise ValueError(f"baseline {name!r} is already registered")
-        BASELINES[name] = fn
+        BASELINES.add(name, fn)
         register_searcher(type(f"{name.title().replace('_', '')}Baseline", (BaselineSearch,),
                                {"name": name, "__doc__": fn.__doc__}))
         return fn
@@ -80,15 +80,7 @@ def _skip(obj: Objective, skipped) -> Route:
     return Route(tuple(i for i in range(fp.num_layers) if i not in skipped), fp)
 
 
-def last_token_states(obj: Objective, batch_size: int = 8) -> torch.Tensor:
-    """[L+1, N, H] identity-route hidden states at each prompt's last token."""
-    ids_all = encode_texts(obj.tokenizer, obj.prompts)
-    parts = []
-    for i in range(0, len(ids_all), batch_size):
-        ids, mask = left_pad(ids_all[i:i + batch_size], obj.tokenizer, obj.executor.device)
-        hs = obj.executor(ids, mask, output_hidden_states=True, logits_to_keep=1).hidden_states
-        parts.append(torch.stack([h[:, -1].float() for h in hs]))
-    return torch.cat(parts, dim=1)
+last_token_states = Objective.last_token_states  # [L+1, N, H], computed once per objective
 
 
 @register_baseline("unified")
@@ -116,9 +108,7 @@ def similarity(obj: Objective, k: int, seed: int = 0) -> Route:
     L, n = obj.num_layers, obj.num_layers - k
     if n == 0:
         return _skip(obj, [])
-    if "last_token_states" not in obj.cache:
-        obj.cache["last_token_states"] = last_token_states(obj)
-    h = obj.cache["last_token_states"]  # h[l] enters block l; h[L] leaves the last block
+    h = obj.last_token_states()  # h[l] enters block l; h[L] leaves the last block
 
     def distance(start: int) -> float:
         cos = torch.nn.functional.cosine_similarity(h[start], h[start + n], dim=-1).clamp(-1, 1)
@@ -127,8 +117,28 @@ def similarity(obj: Objective, k: int, seed: int = 0) -> Route:
     return _skip(obj, range(best, best + n))
 
 
+@dataclass
+class GreedyProgress:
+    """Greedy removal on one objective so far: the blocks removed, in order (kept across calls)."""
+
+    order: list[int] = field(default_factory=list)
+
+
+@memoised
+def greedy_progress(obj: Objective, reuse_prefix: bool = True) -> GreedyProgress:
+    """The removal order found so far on ``obj`` (with or without prefix reuse; a resumed run sets it)."""
+    return GreedyProgress()
+
+
+@memoised
+def greedy_cost(obj: Objective) -> dict:
+    """The work of greedy removal on ``obj``, summed over both modes' calls: per-sample block executions,
+    per-sample finishes (LM head and scoring) and seconds."""
+    return {"sample_blocks": 0, "sample_finishes": 0, "seconds": 0.0}
+
+
 def greedy_order(obj: Objective, k: int, reuse_prefix: bool = True) -> list[int]:
-    """Blocks in the order greedy removal drops them, down to ``k`` kept (cached on ``obj``).
+    """Blocks in the order greedy removal drops them, down to ``k`` kept (kept on ``obj``: ``greedy_progress``).
 
     Each round removes the block whose removal keeps the mean reward highest (ties: the lowest
     index). With ``reuse_prefix`` (the default) a candidate's route is not run from the start:
@@ -136,33 +146,38 @@ def greedy_order(obj: Objective, k: int, reuse_prefix: bool = True) -> list[int]
     advanced one block at a time and each candidate runs only the rest (a round of ``K`` kept
     blocks costs ``K(K+1)/2`` block executions per sample instead of ``K(K-1)``). Without it,
     each candidate is scored from the embeddings (the reference the tests compare against).
-    ``obj.cache["greedy_cost"]`` counts the work: per-sample block executions, per-sample
-    finishes (LM head and scoring) and seconds, summed over both modes' calls.
+    ``greedy_cost(obj)`` counts the work. Each chunk's embedded rows come from ``obj.prefixes``.
     """
-    order: list[int] = obj.cache.setdefault("greedy_order" if reuse_prefix else "greedy_order_naive", [])
-    cost = obj.cache.setdefault("greedy_cost", {"sample_blocks": 0, "sample_finishes": 0, "seconds": 0.0})
-    L, samples = obj.num_layers, list(range(len(obj)))
+    order, cost = greedy_progress(obj, reuse_prefix).order, greedy_cost(obj)
+    L = obj.num_layers
     for _ in tqdm(range(len(order), L - k), desc=f"greedy removal to {k} blocks", leave=False):
         start = time.perf_counter()
         kept = [i for i in range(L) if i not in order]
-        totals = {i: 0.0 for i in kept}
-        for chunk in obj.batches(samples):
-            n = len(chunk)
-            state = obj.begin(chunk)
-            for pos, i in enumerate(kept):
-                if reuse_prefix:
-                    chain, base = kept[pos + 1:], state  # the kept blocks before i already ran in `state`
-                else:
-                    chain, base = kept[:pos] + kept[pos + 1:], obj.begin(chunk)
-                totals[i] += float(obj.finish(obj.advance(base, [chain] * n)).reward.sum())
-                cost["sample_blocks"] += n * len(chain)
-                cost["sample_finishes"] += n
-                if reuse_prefix and pos + 1 < len(kept):
-                    state = obj.advance(state, [[i]] * n)
-                    cost["sample_blocks"] += n
+        totals = dict.fromkeys(kept, 0.0)
+        for chunk in obj.batches(range(len(obj))):
+            _greedy_round(obj, chunk, kept, totals, cost, reuse_prefix)
         order.append(max(totals, key=totals.get))  # ties: the lowest index (dicts keep order)
         cost["seconds"] += time.perf_counter() - start
     return order[: L - k]
+
+
+def _greedy_round(obj: Objective, chunk: list[int], kept: list[int], totals: dict, cost: dict,
+                  reuse_prefix: bool) -> None:
+    """Add each candidate removal's summed reward on ``chunk`` to ``totals``."""
+    n = len(chunk)
+    begun = obj.prefixes.pin(chunk, lambda: obj.begin(chunk))
+    state = begun
+    for pos, i in enumerate(kept):
+        if reuse_prefix:
+            chain, base = kept[pos + 1:], state  # the kept blocks before i already ran in `state`
+        else:
+            chain, base = kept[:pos] + kept[pos + 1:], begun
+        totals[i] += float(obj.finish(obj.advance(base, [chain] * n)).reward.sum())
+        cost["sample_blocks"] += n * len(chain)
+        cost["sample_finishes"] += n
+        if reuse_prefix and pos + 1 < len(kept):
+            state = obj.advance(state, [[i]] * n)
+            cost["sample_blocks"] += n
 
 
 @register_baseline("greedy")
@@ -180,9 +195,7 @@ def random_skip(obj: Objective, k: int, seed: int = 0) -> Route:
 
 def baseline_route(name: str, obj: Objective, ratio: float, seed: int = 0) -> Route:
     """The route of baseline ``name`` at compute ``ratio``, chosen on ``obj``'s examples."""
-    if name not in BASELINES:
-        raise RouteError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
-    return BASELINES[name](obj, blocks_for_ratio(ratio, obj.num_layers), seed)
+    return BASELINES.get_or_raise(name)(obj, blocks_for_ratio(ratio, obj.num_layers), seed)
 
 
 CALIB_LIMIT = 256  # search-split samples a static route is fitted on, by default
@@ -191,20 +204,24 @@ VAL_LIMIT = 256  # validation-split samples that choose between candidate routes
 
 def route_stats(obj: Objective, route: Route | tuple[int, ...]) -> dict:
     """One route on every example of ``obj``: ``n``, ``blocks``, mean ``reward`` and, on choice tasks,
-    ``correct``, ``accuracy`` and its 95% Wilson ``ci95`` (None elsewhere). Cached on ``obj`` per route."""
-    from layerroute.evaluation import wilson_interval
+    ``correct``, ``accuracy`` and its 95% Wilson ``ci95`` (None elsewhere). Computed once per route."""
+    return _route_stats(obj, tuple(route.layers if isinstance(route, Route) else route))
 
-    layers = tuple(route.layers if isinstance(route, Route) else route)
-    cache = obj.cache.setdefault("route_stats", {})
-    if layers not in cache:
-        scores = obj.score(range(len(obj)), [layers] * len(obj))
-        n, stats = len(obj), {"n": len(obj), "blocks": len(layers), "reward": float(scores.reward.mean()),
-                              "correct": None, "accuracy": None, "ci95": None}
-        if obj.task.kind == "choice":
-            k = int(scores.correct.sum())
-            stats.update(correct=k, accuracy=k / n, ci95=list(wilson_interval(k, n)))
-        cache[layers] = stats
-    return cache[layers]
+
+@memoised
+def _route_stats(obj: Objective, layers: tuple[int, ...]) -> dict:
+    scores = obj.score(range(len(obj)), [layers] * len(obj))
+    n, stats = len(obj), {"n": len(obj), "blocks": len(layers), "reward": float(scores.reward.mean()),
+                          "correct": None, "accuracy": None, "ci95": None}
+    if obj.task.kind == "choice":
+        k = int(scores.correct.sum())
+        stats.update(correct=k, accuracy=k / n, ci95=list(wilson_interval(k, n)))
+    return stats
+
+
+def remember_route_stats(obj: Objective, layers, stats: dict) -> None:
+    """Take ``stats`` (for example from a stored row) as ``route_stats(obj, layers)``: a resumed run."""
+    _route_stats.remember(obj, stats, tuple(layers))
 
 
 def validation_key(stats: dict) -> tuple[float, float]:
@@ -236,8 +253,6 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
     its validation stats (``val``). With a ``ResultsStore``, each row is appended when done and rows
     already there are not redone.
     """
-    from layerroute.evaluation import evaluate
-
     names = list(names or BASELINES)
     for n in names:
         if n not in BASELINES and n != "optuna":
@@ -284,17 +299,16 @@ def run_baselines(executor: RouteExecutor, tokenizer, task, budgets, names=None,
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| baseline | budget | blocks | accuracy | 95% CI | gold NLL/token | n | calib n | val accuracy | val n |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["baseline", "budget", "blocks", "accuracy", "95% CI", "gold NLL/token", "n", "calib n", "val accuracy",
+              "val n"]
+    body = []
     for r in rows:
-        acc = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
-        ci = "" if r["ci95"] is None else f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}"
         val = r.get("val") or {}
-        val_acc = "" if val.get("accuracy") is None else f"{100 * val['accuracy']:.1f}%"
+        val_acc = "" if val.get("accuracy") is None else pct(val["accuracy"])
         name = f"best ({r['chosen']})" if r["baseline"] == "best" else r["baseline"]
-        lines.append(f"| {name} | {r['budget']:.2f} | {r['blocks']} | {acc} | {ci} | {r['gold_nll']:.3f} | {r['n']} | "
-                     f"{r.get('calib_n') or ''} | {val_acc} | {val.get('n', '')} |")
-    return "\n".join(lines)
+        body.append([name, f"{r['budget']:.2f}", r["blocks"], pct(r["accuracy"]), ci(r["ci95"]), f"{r['gold_nll']:.3f}",
+                     r["n"], r.get("calib_n") or "", val_acc, val.get("n", "")])
+    return "\n".join(table(header, body))
 
 
 def plot_curves(rows: list[dict], path, title: str) -> None:

@@ -54,10 +54,8 @@ samples of the call, so a sample's record is the same however the samples are gr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -399,10 +397,11 @@ class MCTS(Searcher):
 class _NaiveEvaluator:
     """The reference: every route scored from the embeddings with ``objective.score``, one at a time."""
 
+    peak = 0  # bytes of cached states: none
+
     def __init__(self, searcher: MCTS, tokens: dict[int, int]):
         self.s, self.tokens = searcher, tokens  # real tokens of each sample's rows
         self.execs = dict.fromkeys(tokens, 0)  # block executions (blocks x tokens) per sample
-        self.peak = 0
 
     def evaluate(self, items):
         """(reward, margin, correct) of each (tree, leaf chain, route) of ``items``."""
@@ -415,39 +414,27 @@ class _NaiveEvaluator:
 
 
 class _PrefixEvaluator(_NaiveEvaluator):
-    """Batched scoring with prefix reuse: an LRU of hidden states keyed by (sample, chain)."""
+    """Batched scoring with prefix reuse: the objective's prefix cache (``Objective.prefixes``), keyed by
+    (sample, chain), emptied and capped at ``--cache-mb`` for this search; each sample's embedded rows
+    are pinned there and give every cached state of that sample its context."""
 
     def __init__(self, searcher: MCTS, tokens: dict[int, int]):
         super().__init__(searcher, tokens)
         self.obj = searcher.objective
-        self.cap = int(searcher.config.cache_mb * 2 ** 20)
-        self.base: dict[int, PrefixState] = {}  # per sample: the embedded rows (context for every state)
-        self.lru: OrderedDict = OrderedDict()  # (sample, chain) -> hidden [rows, W, H]
-        self.bytes = 0
+        self.cache = self.obj.prefixes.clear().limit(int(searcher.config.cache_mb * 2 ** 20))
+
+    @property
+    def peak(self) -> int:
+        return self.cache.peak
 
     def _state(self, i: int, chain: tuple[int, ...]) -> tuple[PrefixState, int]:
         """The deepest cached state along ``chain`` and how many of its blocks it has run."""
-        if i not in self.base:
-            self.base[i] = self.obj.begin([i])
-            self.bytes += _bytes(self.base[i])
-        for k in range(len(chain), 0, -1):
-            h = self.lru.get((i, chain[:k]))
-            if h is not None:
-                self.lru.move_to_end((i, chain[:k]))
-                b = self.base[i]
-                return PrefixState(b.samples, dataclasses.replace(b.state, hidden=h), (k,), b.sizes), k
-        return self.base[i], 0
+        base = self.cache.pin((i,), lambda: self.obj.begin([i]))
+        state, k = self.cache.deepest((i,), chain)
+        return (state, k) if state is not None else (base, 0)
 
     def _put(self, i: int, chain: tuple[int, ...], hidden: torch.Tensor) -> None:
-        key = (i, chain)
-        if key in self.lru or not chain:
-            return
-        self.lru[key] = hidden
-        self.bytes += hidden.numel() * hidden.element_size()
-        self.peak = max(self.peak, self.bytes)
-        while self.bytes > self.cap and self.lru:
-            _, old = self.lru.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        self.cache.put((i,), chain, self.cache.pinned[(i,)].with_hidden(hidden, len(chain)))
 
     def evaluate(self, items):
         """(reward, margin, correct) of each (tree, leaf chain, route) of ``items``: advance the deepest
@@ -465,7 +452,6 @@ class _PrefixEvaluator(_NaiveEvaluator):
             state = obj.advance(state, [route[len(leaf):] for _, leaf, route in chunk])
             sc = obj.finish(state)
             out += [(float(r), float(m), bool(c)) for r, m, c in zip(sc.reward, sc.margin, sc.correct)]
-        self.peak = max(self.peak, self.bytes)
         return out
 
 
@@ -493,7 +479,6 @@ class _EditEvaluator(_PrefixEvaluator):
             del record
             sc = obj.finish(state)
             out += [(float(r), float(m), bool(c)) for r, m, c in zip(sc.reward, sc.margin, sc.correct)]
-        self.peak = max(self.peak, self.bytes)
         return out
 
 
@@ -509,10 +494,3 @@ def _chunks(items, obj):
         rows += n
     if chunk:
         yield chunk
-
-
-def _bytes(p: PrefixState) -> int:
-    st = p.state
-    ts = [st.hidden, st.attention_mask, st.position_ids, *(m for m in st.masks.values() if m is not None),
-          *(x for v in st.position_embeddings.values() for x in v)]
-    return sum(x.numel() * x.element_size() for x in ts)

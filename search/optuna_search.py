@@ -20,7 +20,7 @@ and reports the running mean reward after each; the ``median`` pruner stops a tr
 running mean is below the median of earlier trials at the same chunk. Pruned trials are stored
 but never become the best route. A route a complete trial has scored is not scored again (the
 record says ``same_as``), and a trial continues from the longest prefix state it shares with
-earlier trials (kept every 3 blocks per chunk, LRU under ``--cache-mb``). With
+earlier trials (kept every 3 blocks per chunk in the objective's prefix cache, LRU under ``--cache-mb``). With
 ``--multi-objective`` the study maximises the mean reward and minimises blocks (NSGA-II by
 default; Optuna cannot prune multi-objective trials), and the summary holds the Pareto front,
 plotted to ``pareto.png`` next to the store.
@@ -46,7 +46,6 @@ import hashlib
 import importlib.util
 import json
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +142,6 @@ class OptunaSearch(Searcher):
     def __init__(self, objective, config=None, seed: int = 0):
         super().__init__(objective, config, seed)
         self._study = None
-        self._prefixes, self._cache_bytes = OrderedDict(), 0  # (chunk, route prefix) -> PrefixState, LRU
 
     def units(self) -> list[str]:
         self.study()  # created (or checked) here, on the driver, before any worker opens it
@@ -290,28 +288,24 @@ class OptunaSearch(Searcher):
                 return {**record, "same_as": t.number}
         return None
 
-    def _rewards(self, step: int, chunk: list[int], layers: tuple[int, ...]):
+    def _rewards(self, chunk: list[int], layers: tuple[int, ...]):
         """Rewards of ``layers`` on ``chunk``, continuing from the longest cached prefix state.
 
-        States after every ``PREFIX_STRIDE`` blocks of the routes scored so far are kept per chunk
-        (LRU, at most ``--cache-mb``), so a trial reruns only the blocks after the prefix it shares
+        States after every ``PREFIX_STRIDE`` blocks of the routes scored so far are kept per chunk in the
+        objective's prefix cache (LRU, capped at ``--cache-mb``), so a trial reruns only the blocks after the prefix it shares
         with earlier trials (TPE's trials share ever longer prefixes as it converges)."""
-        obj, cache = self.objective, self._prefixes
+        obj = self.objective
         if obj.reward_kind == "correct" and obj.task.kind == "generate" or self.config.cache_mb <= 0:
             return obj.score(chunk, [layers] * len(chunk)).reward  # decoding: no prefix states
-        marks = range(PREFIX_STRIDE, len(layers) + 1, PREFIX_STRIDE)
-        start = max((m for m in marks if (step, layers[:m]) in cache), default=0)
-        state = cache[(step, layers[:start])] if start else obj.begin(chunk)
-        if start:
-            cache.move_to_end((step, layers[:start]))
-        for m in marks:
+        cache = obj.prefixes.limit(int(self.config.cache_mb * 2 ** 20))
+        state, start = cache.deepest(chunk, layers)
+        if state is None:
+            state = obj.begin(chunk)
+        for m in range(PREFIX_STRIDE, len(layers) + 1, PREFIX_STRIDE):
             if m > start:
-                state = obj.advance(state, [layers[m - PREFIX_STRIDE:m]] * len(chunk))
-                cache[(step, layers[:m])] = state
-                self._cache_bytes += state.nbytes()
+                state = obj.advance(state, [layers[start:m]] * len(chunk))
+                cache.put(chunk, layers[:m], state)
                 start = m
-        while self._cache_bytes > self.config.cache_mb * 2 ** 20 and cache:
-            self._cache_bytes -= cache.popitem(last=False)[1].nbytes()
         return obj.finish(obj.advance(state, [layers[start:]] * len(chunk))).reward
 
     def _values(self, record: dict) -> dict:
@@ -327,7 +321,7 @@ class OptunaSearch(Searcher):
         assert obj.max_blocks is None or len(layers) <= obj.max_blocks
         total, n, state, step = 0.0, 0, "COMPLETE", -1
         for step, chunk in enumerate(obj.batches(range(len(obj)))):
-            total += float(self._rewards(step, chunk, tuple(layers)).sum())
+            total += float(self._rewards(chunk, tuple(layers)).sum())
             n += len(chunk)
             if running is not None:
                 running.append(total / n)

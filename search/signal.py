@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import random
 from pathlib import Path
 
@@ -35,7 +34,8 @@ import torch
 from layerroute.errors import LayerRouteError
 from layerroute.evaluation import newcombe_interval, wilson_interval
 from layerroute.objective import Objective, PrefixState, null_option
-from layerroute.store import atomic_write
+from layerroute.store import atomic_write, atomic_write_json
+from layerroute.tables import acc_ci
 
 MIN_SAMPLES = 20
 
@@ -194,7 +194,7 @@ def verdict(r: dict) -> str:
 
 
 def _pct(s: dict) -> str:
-    return f"{100 * s['share']:.1f}% ({100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}), n={s['n']}"
+    return f"{acc_ci(s['share'], s['ci95'])}, n={s['n']}"
 
 
 def render(r: dict, command: str) -> str:
@@ -216,13 +216,15 @@ def render(r: dict, command: str) -> str:
              f"{100 * sd['ci95'][1]:+.1f}) |",
              f"| per-sample oracle on the same {s['scored_on']}: gold / null | {_pct(s['oracle_gold'])} / "
              f"{_pct(s['oracle_null'])} |"]
+    return "\n".join(lines + [_probe_row(p, r["samples"]), "", r["verdict"], ""])
+
+
+def _probe_row(p: dict, samples: int) -> str:
     if p.get("auc") is None:
-        lines.append(f"| probe AUC | n/a: {p['reason']} |")
-    else:
-        lines.append(f"| probe AUC (5-fold CV; target: {p['target']}, {p['positives']} of {r['samples']} positive) | "
-                     f"{p['auc']:.3f}; shuffled targets {p['shuffled_auc_mean']:.3f} (95th percentile "
-                     f"{p['shuffled_auc_95']:.3f}), permutation p = {p['p_value']:.3f} |")
-    return "\n".join(lines + ["", r["verdict"], ""])
+        return f"| probe AUC | n/a: {p['reason']} |"
+    return (f"| probe AUC (5-fold CV; target: {p['target']}, {p['positives']} of {samples} positive) | "
+            f"{p['auc']:.3f}; shuffled targets {p['shuffled_auc_mean']:.3f} (95th percentile "
+            f"{p['shuffled_auc_95']:.3f}), permutation p = {p['p_value']:.3f} |")
 
 
 def plot(r: dict, path: Path) -> None:
@@ -253,7 +255,6 @@ def write_report(r: dict, out, command: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     text = render(r, command)
     plot(r, out / "signal.png")
-    atomic_write(out / "signal.json", json.dumps({"command": command, "date": str(datetime.date.today()), **r},
-                                                 indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / "signal.json", {"command": command, "date": str(datetime.date.today()), **r})
     atomic_write(out / "signal.md", text)
     return text

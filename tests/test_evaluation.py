@@ -14,8 +14,8 @@ from layerroute.store import ResultsStore, read_store
 from layerroute.models import resolve_model_path
 from layerroute.scoring import continuation_nll, score_batch
 from layerroute.budget import blocks_for_ratio
-from layerroute.search.baselines import BASELINES, baseline_route, choose_on_validation, greedy_order, \
-    last_token_states
+from layerroute.search.baselines import BASELINES, baseline_route, choose_on_validation, greedy_cost, \
+    greedy_order, last_token_states
 from layerroute.tasks.base import Example, Task
 from layerroute.tasks.prompts import render_prompt
 
@@ -171,9 +171,9 @@ def test_greedy_prefix_reuse_gives_the_order_of_scoring_each_candidate_from_scra
     assert greedy_order(reuse, 1) == greedy_order(naive, 1, reuse_prefix=False)
     assert len(set(greedy_order(reuse, 1))) == 4
     # per sample, a round with K kept blocks costs K(K+1)/2 - 1 block executions, against K(K-1) from scratch
-    assert reuse.cache["greedy_cost"]["sample_blocks"] == 6 * sum(K * (K + 1) // 2 - 1 for K in (5, 4, 3, 2)) == 180
-    assert naive.cache["greedy_cost"]["sample_blocks"] == 6 * sum(K * (K - 1) for K in (5, 4, 3, 2)) == 240
-    assert reuse.cache["greedy_cost"]["sample_finishes"] == naive.cache["greedy_cost"]["sample_finishes"] == 6 * 14
+    assert greedy_cost(reuse)["sample_blocks"] == 6 * sum(K * (K + 1) // 2 - 1 for K in (5, 4, 3, 2)) == 180
+    assert greedy_cost(naive)["sample_blocks"] == 6 * sum(K * (K - 1) for K in (5, 4, 3, 2)) == 240
+    assert greedy_cost(reuse)["sample_finishes"] == greedy_cost(naive)["sample_finishes"] == 6 * 14
 
 
 def picks(obj, route):

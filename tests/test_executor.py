@@ -296,6 +296,6 @@ def test_self_check_in_half_precision_passes_and_still_catches_scaling(dtype, mo
     from layerroute import NotExactError
 
     assert RouteExecutor(tiny_model("gemma2").to(dtype)).check.passed
-    monkeypatch.setattr("layerroute.models._scales", lambda *a: {})
+    monkeypatch.setattr("layerroute.stack._scales", lambda *a: {})
     with pytest.raises(NotExactError, match="GraniteForCausalLM failed"):
         RouteExecutor(tiny_model("granite").to(dtype))

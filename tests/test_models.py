@@ -89,7 +89,7 @@ def test_scaling_outside_the_layers_is_reproduced_or_refused(family, scales, mon
     assert ex.check.passed and ex.check.max_diff <= 1e-5
     assert {k: getattr(ex.stack, k) for k in scales} == scales
     # Without the support the self-check refuses the model: never silently wrong.
-    monkeypatch.setattr("layerroute.models._scales", lambda *a: {})
+    monkeypatch.setattr("layerroute.stack._scales", lambda *a: {})
     cls = type(ex.model).__name__
     with pytest.raises(NotExactError, match=rf"{cls} failed .*self-check.*logits differ from the HF forward by"):
         RouteExecutor(tiny_model(family, seed=1))

@@ -218,11 +218,12 @@ def test_optuna_route_chooses_among_its_top_trials_on_validation(tiny, tok):  # 
 
 
 def test_prefix_reuse_across_trials_equals_scoring_from_scratch(tiny, tok):  # noqa: F811
-    obj = Objective(tiny, tok, choice_task("letter", n=6), batch_rows=4)
-    cached, plain = OptunaSearch(obj, OptunaConfig()), OptunaSearch(obj, OptunaConfig(cache_mb=0))
+    obj, other = (Objective(tiny, tok, choice_task("letter", n=6), batch_rows=4) for _ in range(2))
+    cached, plain = OptunaSearch(obj, OptunaConfig()), OptunaSearch(other, OptunaConfig(cache_mb=0))
     for layers in [(0, 1, 2, 3, 4), (0, 1, 2, 4), (0, 1, 2, 3), (1, 2, 3, 4), (0, 1, 2, 3, 4, 4)]:
         a, b = cached._score(layers), plain._score(layers)
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-5)
         assert a["reward"] == pytest.approx(obj.mean_reward(layers), abs=1e-5)
-    assert cached._prefixes and not plain._prefixes
-    assert ((0, (0, 1, 2)) in cached._prefixes) and cached._cache_bytes > 0
+    # the states live in the objective's one prefix cache, keyed by (the chunk's samples, the blocks run)
+    assert len(obj.prefixes) and not len(other.prefixes)
+    assert (((0, 1, 2, 3), (0, 1, 2)) in obj.prefixes.lru) and obj.prefixes.bytes > 0

@@ -10,17 +10,15 @@ import hashlib
 import random
 from dataclasses import dataclass, replace
 
-from ..errors import LayerRouteError
+from ..errors import TaskError
+from .extract import EXTRACTORS
+
 
 KINDS = ("choice", "generate", "loglik")
 CHOICE_SCORINGS = ("letter", "cloze")
 SPLITS = ("search", "validation", "test")
 SPLIT_FRACTIONS = {"search": 0.5, "validation": 0.2, "test": 0.3}
 LETTERS = "ABCDEFGHIJ"  # at most 10 options, as the scorer supports
-
-
-class TaskError(LayerRouteError, ValueError):
-    """A task spec, data file or option that is malformed, unknown or unavailable."""
 
 
 def answer_letter(i: int) -> str:
@@ -115,8 +113,6 @@ class Task:
             raise TaskError(f"task {self.name}: unknown choice_scoring {self.choice_scoring!r}; "
                             f"use one of {', '.join(CHOICE_SCORINGS)}")
         if self.kind == "generate":
-            from .extract import EXTRACTORS
-
             if self.extract not in EXTRACTORS:
                 raise TaskError(f"task {self.name}: unknown extractor {self.extract!r}; "
                                 f"available: {', '.join(EXTRACTORS)}")

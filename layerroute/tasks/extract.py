@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from .base import TaskError
+from ..errors import TaskError
 
 # A number: optional minus (not right after a digit), thousands groups or plain digits, decimals.
 _NUMBER = re.compile(r"(?<!\d)-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
