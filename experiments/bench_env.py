@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from layerroute import RouteExecutor, load_model
-from layerroute.store import atomic_write
+from layerroute.tables import write_report
 from layerroute.tests.conftest import tiny_model
 from layerroute.tasks import get_task
 
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         "", "| model | mode | rows x padded tokens per sample | single envs (steps/s) | vec env (steps/s) | speedup |",
         "|---|---|---|---|---|---|", *rows, "",
         NOTE, "", "Reproduce: `OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_env`", ""])
-    atomic_write(RESULTS / "bench_env.md", text)
+    write_report(RESULTS / "bench_env.md", text, {"args": vars(args), "rows": rows})
     print(text)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from layerroute import RouteExecutor, load_model
+from layerroute.tables import write_report
 
 
 def _median_times(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     text = "\n".join(parts) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_report(args.out, text, {"args": vars(args)})
 
 
 if __name__ == "__main__":

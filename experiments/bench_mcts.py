@@ -29,6 +29,7 @@ import torch
 from layerroute import RouteExecutor, load_model
 from layerroute.objective import Objective
 from layerroute.search.mcts import MCTS, MCTSConfig
+from layerroute.tables import write_report
 from layerroute.tasks import get_task
 
 
@@ -84,9 +85,10 @@ def main(argv=None) -> None:
     model, tok = load_model(args.model)
     obj = Objective.from_task(RouteExecutor(model), tok, get_task(args.task), "search", args.samples, args.seed)
     n, threads = len(obj), torch.get_num_threads()
+    command = " ".join([f"OMP_NUM_THREADS={threads} python -m layerroute.experiments.bench_mcts",
+                        *(sys.argv[1:] if argv is None else argv)])
     rows = [f"# MCTS search cost ({args.model}, {args.task} search split, {args.space} space)", "",
-            f"Command: `OMP_NUM_THREADS={threads} python -m layerroute.experiments.bench_mcts "
-            f"{' '.join(sys.argv[1:] if argv is None else argv)}` ({datetime.date.today()}; {n} samples, at most "
+            f"Command: `{command}` ({datetime.date.today()}; {n} samples, at most "
             f"{args.simulations} simulations each, torch threads {threads}, shared 2-core CPU). "
             f"MCTS reads labels: an ORACLE.", "",
             "| mode | simulations / sample | block executions / simulation (blocks x tokens) | wall s / sample | "
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
                      f"(target >= 10x; CPU time is the fairer figure on a shared machine)")
     text = "\n".join(rows + [""] + notes) + "\n"
     print(text)
-    Path(args.output).write_text(text)
+    write_report(args.output, text, {"args": vars(args), "table": rows[4:], "notes": notes}, command)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from layerroute.search.distributed import RaySearch, SearchSpec
+from layerroute.tables import write_report
 
 TIMING = ("seconds", "peak_cache_bytes")  # fields that depend on the machine, not on the search
 
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
             + "".join(f"- {r['config']}: {', '.join(f'{t:.0f}' for t in r['chunk_times'])}\n" for r in rows))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(out, text, {"args": vars(args)})
     print(f"wrote {out}")
 
 

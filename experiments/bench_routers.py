@@ -31,6 +31,7 @@ from layerroute.experiments.bench_executor import _median_times
 from layerroute.routers import RoutedModel, load_routers
 from layerroute.scoring import encode_texts, left_pad, task_prompts
 from layerroute.store import atomic_write
+from layerroute.tables import write_report
 from layerroute.tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
               "generate continues from the KV cache the walk filled, so 'routed' minus 'same routes' is the routers' "
               "own cost (window means and router MLPs at each block). 'Routing walk alone' is that prefill with "
               "the routers."]
-    atomic_write(args.out, "\n".join(lines) + "\n")
+    write_report(args.out, "\n".join(lines) + "\n", {"args": vars(args), "table": lines})
     print("\n".join(lines))
 
 

@@ -21,7 +21,10 @@ import argparse
 import time
 from pathlib import Path
 
+
 import torch
+
+from layerroute.tables import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,7 +76,6 @@ def main(argv=None) -> None:
     from layerroute.objective import Objective
     from layerroute.search.baselines import greedy_order
     from layerroute.search.optuna_search import OptunaConfig, OptunaSearch
-    from layerroute.store import atomic_write
     from layerroute.tasks import get_task
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
     lines += [f"| {w} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {n} |" for w, a, b, n in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    atomic_write(RESULTS / "bench_search.md", text)
+    write_report(RESULTS / "bench_search.md", text, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

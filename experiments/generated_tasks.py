@@ -9,12 +9,12 @@ each sub-task so that a killed run keeps what it finished.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from layerroute import RouteExecutor, load_model
 from layerroute.evaluation import evaluate, wilson_interval
-from layerroute.store import atomic_write, environment
+from layerroute.store import environment
+from layerroute.tables import ci, pct, row, stamp, write_report
 from layerroute.tasks import get_task
 from layerroute.tasks.generated import DEFAULT_SIZE, GENERATORS, SUBTASKS
 
@@ -22,9 +22,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _row(name, available, test_n, n, right, chance) -> str:
-    lo, hi = wilson_interval(right, n)
-    return (f"| {name} | {available} | {test_n} | {n} | {100 * right / n:.1f}% | {100 * lo:.1f}-{100 * hi:.1f} "
-            f"| {chance} |")
+    return row(name, available, test_n, n, pct(right / n), ci(wilson_interval(right, n)), chance)
 
 
 def main(argv=None) -> None:
@@ -44,7 +42,7 @@ def main(argv=None) -> None:
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
     head = [f"# Full-model accuracy of {args.model} on the generated sub-tasks (test split, seed {args.seed})",
-            "", f"`{cmd}`", "",
+            "", f"`{cmd}` ({stamp(cmd)['date']})", "",
             "Each sub-task generates `size` examples (in brackets: the most it can make, exact for add2 and mul, "
             "a cap for the others); the test split holds about 30% of them and the first `limit` are scored. "
             "Four options each, so chance is 25%.", "",
@@ -63,11 +61,9 @@ def main(argv=None) -> None:
                               "test_split": len(test)}
         print(rows[-1], flush=True)
         pooled = [_row("all (pooled)", "", "", total_n, total_right, "25%")] if len(rows) > 1 else []
-        atomic_write(out / "generated_tasks.md", "\n".join(head + rows + pooled) + "\n")
-        atomic_write(out / "generated_tasks.json", json.dumps(
-            {"command": cmd, "environment": environment(),
-             "settings": {k: v for k, v in vars(args).items() if k != "out"}, "subtasks": records},
-            indent=2, sort_keys=True) + "\n")
+        write_report(out / "generated_tasks.md", "\n".join(head + rows + pooled) + "\n",
+                     {"environment": environment(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                      "subtasks": records}, cmd)
 
 
 if __name__ == "__main__":

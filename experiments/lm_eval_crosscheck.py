@@ -28,6 +28,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+from layerroute.tables import write_report
+
+
 RESULTS = Path(__file__).parent / "results"
 TASKS = {"suite": "lr_suite", "mmlu": "lr_mmlu"}
 YAML = """task: {name}
@@ -216,7 +219,7 @@ def main(argv=None) -> None:
              "Commands (in this order; seconds each, model load included):", "",
              *[f"- `{c}` ({s:.0f} s)" for c, s in zip(commands, seconds.values())], ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    write_report(args.out, "\n".join(lines), {"args": vars(args), "report": lines})
     print("\n".join(lines))
 
 

@@ -12,22 +12,42 @@ best point (``--lam`` > 0, no hard budget). Test scoring uses the shared ``Objec
 
 Resumable and written as it goes: finished rows go to ``<out>/rows.jsonl`` (a results store),
 each Optuna study to ``<out>/<task>/optuna-<point>/`` (its own store and ``study.db``), and
-``experiments/results/optuna_table.md`` is rewritten after every row::
+``experiments/results/optuna_table.md`` and ``.json`` (headed by the command and the date) are
+rewritten after every row. One command makes the whole table::
 
     OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.optuna_table > runs/optuna_table.log 2>&1 &
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from layerroute.config import option, parse_config
+from layerroute.tables import ci, pct, table, write_result
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE_NAMES = ("unified", "drop_last", "similarity", "greedy", "random")
 DEFAULT_TASKS = ("suite", "gen:add2", "gen:mul", "gen:compare", "gen:numwords")
+
+
+@dataclass
+class Args:
+    tasks: str = option(",".join(DEFAULT_TASKS), "comma-separated tasks")
+    search_limit: int = option(256, "search-split examples the routes are fitted on")
+    val_limit: int = option(256, "validation-split examples that choose among Optuna's top trials")
+    top: int = option(3, "Optuna trials re-scored on validation")
+    test_limit: int = option(100, "test-split examples every row is scored on")
+    trials: int = option(16, "Optuna trials per study")
+    lam: float = option(1.0, "lambda of Optuna's own best point (the `lambda` rows)")
+    batch_rows: int = option(32, "rows per objective call")
+    seed: int = option(0, "split and search seed")
+    threads: int = option(1, "torch threads")
+    out: str = option("runs/optuna_table", "the resumable stores of the run")
+    md: str = option(str(RESULTS / "optuna_table.md"), "the table (and its .json beside it)")
 
 
 def test_row(test, route) -> dict:
@@ -74,18 +94,16 @@ def plan(L: int):
     return rows
 
 
-def format_table(rows: list[dict], args) -> str:
-    lines = ["# Optuna per-task routes against the full model and the static baselines (SmolLM2-135M-Instruct)", "",
-             f"Routes fitted on the first {args.search_limit} search-split examples; scored on the first "
+def format_table(rows: list[dict], args: Args) -> list[str]:
+    lines = [f"Routes fitted on the first {args.search_limit} search-split examples; scored on the first "
              f"{args.test_limit} test-split examples (seed {args.seed}). Optuna: TPE, {args.trials} trials, skip "
              f"space, margin reward, median pruning; its {args.top} best trials re-scored on the first "
              f"{args.val_limit} validation-split examples and the best there kept; `lambda` = its own best point "
-             f"with lambda = {args.lam:g} and no hard budget (chosen on the search split). Accuracy with 95% Wilson CI; blocks executed per token (of 30).", "",
-             "Command: `OMP_NUM_THREADS=1 python -m layerroute.experiments.optuna_table " + " ".join(args.argv) + "`",
-             "", "| task | method | budget | blocks | accuracy | 95% CI | n |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['task']} | {r['method']} | {r['point']} | {r['blocks']} | {100 * r['accuracy']:.1f}% | "
-                     f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f} | {r['n']} |")
+             f"with lambda = {args.lam:g} and no hard budget (chosen on the search split). Accuracy with 95% Wilson "
+             f"CI; blocks executed per token (of 30).", ""]
+    lines += table(["task", "method", "budget", "blocks", "accuracy", "95% CI", "n"],
+                   [[r["task"], r["method"], r["point"], r["blocks"], pct(r["accuracy"]), ci(r["ci95"]), r["n"]]
+                    for r in rows])
     lines += ["", "## Does anything beat the full model?", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
@@ -98,59 +116,33 @@ def format_table(rows: list[dict], args) -> str:
             verdict = "beaten outside the CIs by " + ", ".join(f"{r['method']}@{r['point']}" for r in better)
         elif higher:
             verdict = ("nothing beats the full model outside the 95% CIs; higher point estimates (within the CIs): "
-                       + ", ".join(f"{r['method']}@{r['point']} {100 * r['accuracy']:.1f}%" for r in higher))
+                       + ", ".join(f"{r['method']}@{r['point']} {pct(r['accuracy'])}" for r in higher))
         else:
             verdict = "nothing beats the full model"
-        lines.append(f"- **{task}** (full {100 * full['accuracy']:.1f}%, {len(mine)} rows done): {verdict}.")
-    return "\n".join(lines) + "\n"
+        lines.append(f"- **{task}** (full {pct(full['accuracy'])}, {len(mine)} rows done): {verdict}.")
+    return lines
+
+
+def write_table(rows: list[dict], args: Args) -> None:
+    write_result(Path(args.md).with_suffix(""), "Optuna per-task routes against the full model and the static "
+                 "baselines (SmolLM2-135M-Instruct)", format_table(rows, args), {"settings": asdict(args), "rows": rows})
 
 
 def main(argv=None) -> None:
-    import sys
-
     from layerroute import RouteExecutor, load_model
     from layerroute.budget import blocks_for_ratio
     from layerroute.objective import Objective
     from layerroute.search.baselines import BASELINES
-    from layerroute.store import ResultsStore, atomic_write
+    from layerroute.store import ResultsStore
     from layerroute.tasks import get_task
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    p.add_argument("--search-limit", type=int, default=256)
-    p.add_argument("--val-limit", type=int, default=256)
-    p.add_argument("--top", type=int, default=3, help="Optuna trials re-scored on validation")
-    p.add_argument("--test-limit", type=int, default=100)
-    p.add_argument("--trials", type=int, default=16)
-    p.add_argument("--lam", type=float, default=1.0)
-    p.add_argument("--batch-rows", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="runs/optuna_table")
-    p.add_argument("--methods", default=None, help="only these methods (comma-separated), e.g. greedy")
-    p.add_argument("--md", default=str(RESULTS / "optuna_table.md"))
-    p.add_argument("--render", default=None, help="no compute: the table of the rows in these --out folders")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.render:
-        from layerroute.store import read_store
-
-        rows = [r for d in args.render.split(",") for r in read_store(Path(d) / "rows.jsonl")[1] if r.get("type") == "row"]
-        order = {k: i for i, k in enumerate((t, m, p) for t in args.tasks.split(",") for m, p in plan(30))}
-        rows.sort(key=lambda r: order.get((r["task"], r["method"], r["point"]), len(order)))
-        argv = args.argv
-        args.argv = [a for i, a in enumerate(argv) if a not in ("--render", "--md") and
-                     (i == 0 or argv[i - 1] not in ("--render", "--md"))]
-        atomic_write(args.md, format_table(rows, args).replace(
-            "`\n", f"` (rows computed by separate processes with `--methods` and `--out`, then rendered with "
-                   f"`--render {args.render}`)\n", 1))
-        return
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")
     ex = RouteExecutor(model)
     L, out = ex.num_layers, Path(args.out)
-    skip = ("argv", "out", "tasks", "threads", "methods", "md", "render")
-    header = {"kind": "optuna_table", "settings": {k: v for k, v in vars(args).items() if k not in skip},
+    skip = ("out", "tasks", "threads", "md")
+    header = {"kind": "optuna_table", "settings": {k: v for k, v in asdict(args).items() if k not in skip},
               "model": ex.fingerprint.to_dict(), "task": "many", "split": "test", "seed": args.seed}
     with ResultsStore(out / "rows.jsonl", header) as store:
         rows = [r for r in store.records if r.get("type") == "row"]
@@ -164,7 +156,7 @@ def main(argv=None) -> None:
             scored = {}
             for method, point in plan(L):
                 key = f"{task.name}|{method}@{point}"
-                if key in store.done() or args.methods and method not in args.methods.split(","):
+                if key in store.done():
                     continue
                 t = time.time()
                 extra = {}
@@ -183,7 +175,7 @@ def main(argv=None) -> None:
                        **scored[route.layers], **extra, "seconds": round(time.time() - t, 1)}
                 store.append(row)
                 rows.append(row)
-                atomic_write(args.md, format_table(rows, args))
+                write_table(rows, args)
                 print(f"{key}: {100 * row['accuracy']:.1f}% at {row['blocks']} blocks ({row['seconds']} s)",
                       flush=True)
 

@@ -2,20 +2,26 @@
 
     OMP_NUM_THREADS=1 python -m layerroute.experiments.ppo_table [--timesteps 8192 --lam 1.0]
 
+The committed ``experiments/results/ppo_table.md`` is::
+
+    OMP_NUM_THREADS=1 python -m layerroute.experiments.ppo_table --lam 0 --budget 0.8 --train-limit 256 \
+        --timesteps 32768 --baselines unified,drop_last,similarity,random
+
 Trains PPO (``per_sample`` mode) on the search split of a generated task, then scores on the
 held-out test split: the full model, the PPO policy (greedy), every static baseline and the
 Optuna route at the PPO policy's measured compute (``floor(mean blocks)``, chosen on
 search-split calibration samples), and the MCTS oracle (it reads each test sample's label: an
 upper bound, not a result). Accuracy with 95% Wilson CIs, mean blocks, training cost. Rows are
 kept in a resumable store under ``--run-dir``, and ``experiments/results/ppo_table.md`` and
-``ppo_curve.png`` are rewritten after every row, so a killed run keeps what finished.
+``ppo_curve.png`` are rewritten after every row (``ppo_table.json`` beside them: the command, the
+date, the settings and the rows), so a killed run keeps what finished.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,10 +30,35 @@ from layerroute import RouteExecutor, load_model
 from layerroute.evaluation import evaluate, wilson_interval
 from layerroute.objective import Objective
 from layerroute.route import Route
-from layerroute.store import ResultsStore, atomic_write
+from layerroute.config import option, parse_config
+from layerroute.store import ResultsStore
+from layerroute.tables import acc_ci, pct, table, write_result
 from layerroute.tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    task: str = option("gen", "task spec")
+    seed: int = option(0, "split and training seed")
+    mode: str = option("per_sample", "PPO env mode", choices=["per_sample", "cola"])
+    lam: float = option(1.0, "compute penalty lambda")
+    budget: str = option(None, "hard budget of the PPO episodes: a share (0.8) or a block count", type=str)
+    timesteps: int = option(8192, "PPO environment steps")
+    n_envs: int = option(16, "parallel environments")
+    n_steps: int = option(32, "PPO rollout steps per environment")
+    train_limit: int = option(128, "search samples PPO trains on")
+    test_limit: int = option(150, "test samples every row is scored on")
+    calib_limit: int = option(32, "search samples the static routes and Optuna are chosen on")
+    line_limit: int = option(64, "search samples for the static routes' reward line")
+    baselines: str = option(None, "comma-separated static baselines (default: all)", type=str)
+    optuna_trials: int = option(30, "Optuna trials (0: skip)")
+    mcts_limit: int = option(24, "test samples for the MCTS oracle (0: skip)")
+    mcts_simulations: int = option(40, "MCTS simulations per sample")
+    threads: int = option(1, "torch threads")
+    run_dir: str = option("runs/ppo-table", "the resumable stores of the run")
 
 
 def _row(name: str, kind: str, res, extra: dict | None = None) -> dict:
@@ -42,29 +73,38 @@ def _layers(row: dict, num_layers: int) -> list | None:
     return (row.get("route") or {}).get("layers")
 
 
-def write_outputs(rows: list[dict], curve: list[dict], line: dict | None, train: dict, args) -> None:
-    """The markdown table and the learning-curve PNG, from whatever has finished."""
-    lines = [f"# PPO routing policy on {args.model}, task `{args.task}` (test split, seed {args.seed})", "",
-             f"PPO: mode {args.mode}, lambda {args.lam}, budget {args.budget or 'none'}, reward margin, trained on "
+def write_outputs(rows: list[dict], curve: list[dict], line: dict | None, train: dict, args: Args,
+                  chance: float | None) -> None:
+    """The markdown table, its JSON and the learning-curve PNG, from whatever has finished."""
+    lines = [f"PPO: mode {args.mode}, lambda {args.lam}, budget {args.budget or 'none'}, reward margin, trained on "
              f"{args.train_limit} search-split samples; {train.get('timesteps', '?')} environment steps in {train.get('wall_s', '?')} s "
              f"({train.get('threads', '?')} torch thread(s), CPU). Static baselines and the Optuna route are "
              f"chosen on {args.calib_limit} search-split samples at the PPO policy's measured compute. "
              f"Test: the first {args.test_limit} test-split examples" +
-             (f"; chance is {100 * args.chance:.0f}%." if getattr(args, "chance", None) else "."), "",
-             "| method | kind | accuracy (95% CI) | mean blocks | n | training cost |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        acc = "n/a" if r["accuracy"] is None else \
-            f"{100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})"
-        lines.append(f"| {r['name']} | {r['kind']} | {acc} | {r['mean_blocks']:.2f} | {r['n']} | "
-                     f"{r.get('cost', '')} |")
+             (f"; chance is {100 * chance:.0f}%." if chance else "."), ""]
+    lines += table(["method", "kind", "accuracy (95% CI)", "mean blocks", "n", "training cost"],
+                   [[r["name"], r["kind"], acc_ci(r["accuracy"], r["ci95"]), f"{r['mean_blocks']:.2f}", r["n"],
+                     r.get("cost", "")] for r in rows])
+    lines += _verdicts(rows)
+    lines += ["", "MCTS rows read each test sample's label (ORACLE): an upper bound, not a comparable result.",
+              "", "![learning curve](ppo_curve.png)"]
+    write_result(RESULTS / "ppo_table", f"PPO routing policy on {args.model}, task `{args.task}` (test split, seed "
+                 f"{args.seed})", lines, {"settings": asdict(args), "training": train, "rows": rows, "line": line})
+    if curve:
+        _plot_curve(curve, line, args)
+
+
+def _verdicts(rows: list[dict]) -> list[str]:
+    """PPO against the best static route and against the Optuna route, CIs considered."""
+    lines = []
     ppo = next((r for r in rows if r["name"] == "ppo"), None)
     statics = [r for r in rows if r["kind"] in ("static", "search") and r["accuracy"] is not None]
     if ppo and statics:
         best = max(statics, key=lambda r: r["accuracy"])
         verdict = "does NOT beat" if ppo["accuracy"] <= best["accuracy"] else "beats"
         overlap = ppo["ci95"][0] <= best["ci95"][1] and best["ci95"][0] <= ppo["ci95"][1]
-        lines += ["", f"**PPO {verdict} the best static route** ({best['name']}: {100 * best['accuracy']:.1f}% at "
-                      f"{best['mean_blocks']:.2f} blocks, against PPO's {100 * ppo['accuracy']:.1f}% at "
+        lines += ["", f"**PPO {verdict} the best static route** ({best['name']}: {pct(best['accuracy'])} at "
+                      f"{best['mean_blocks']:.2f} blocks, against PPO's {pct(ppo['accuracy'])} at "
                       f"{ppo['mean_blocks']:.2f} blocks)" + ("; the 95% CIs overlap, so the difference is not "
                                                              "significant." if overlap else ".")]
     opt = next((r for r in rows if r["name"] == "optuna"), None)
@@ -74,55 +114,35 @@ def write_outputs(rows: list[dict], curve: list[dict], line: dict | None, train:
             word = "does NOT beat it"
         else:
             word = "scores higher, within overlapping 95% CIs: not a significant win" if overlap else "beats it"
-        lines.append(f"Against the Optuna route ({100 * opt['accuracy']:.1f}% at {opt['mean_blocks']:.2f} blocks): "
+        lines.append(f"Against the Optuna route ({pct(opt['accuracy'])} at {opt['mean_blocks']:.2f} blocks): "
                      f"PPO {word}.")
-    lines += ["", "MCTS rows read each test sample's label (ORACLE): an upper bound, not a comparable result.",
-              "", "![learning curve](ppo_curve.png)", ""]
-    atomic_write(RESULTS / "ppo_table.md", "\n".join(lines))
-    if curve:
-        import matplotlib
+    return lines
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([c["timesteps"] for c in curve], [c["mean_reward"] for c in curve], marker="o", ms=3,
-                label="PPO (mean episode reward per rollout)")
-        if line:
-            ax.axhline(line["reward"], color="tab:red", ls="--", label=f"best static route ({line['name']})")
-            if "full" in line:
-                ax.axhline(line["full"], color="gray", ls=":", label="full model")
-        ax.set_xlabel("environment steps")
-        ax.set_ylabel(f"reward (margin - {args.lam} x blocks/L)")
-        ax.set_title(f"PPO on {args.task}, search split")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(RESULTS / "ppo_curve.png", dpi=120)
-        plt.close(fig)
+def _plot_curve(curve: list[dict], line: dict | None, args: Args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([c["timesteps"] for c in curve], [c["mean_reward"] for c in curve], marker="o", ms=3,
+            label="PPO (mean episode reward per rollout)")
+    if line:
+        ax.axhline(line["reward"], color="tab:red", ls="--", label=f"best static route ({line['name']})")
+        if "full" in line:
+            ax.axhline(line["full"], color="gray", ls=":", label="full model")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(f"reward (margin - {args.lam} x blocks/L)")
+    ax.set_title(f"PPO on {args.task}, search split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ppo_curve.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", default="gen")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", default="per_sample", choices=["per_sample", "cola"])
-    ap.add_argument("--lam", type=float, default=1.0)
-    ap.add_argument("--budget", default=None, help="hard budget of the PPO episodes: a share (0.8) or a block count")
-    ap.add_argument("--timesteps", type=int, default=8192)
-    ap.add_argument("--n-envs", type=int, default=16)
-    ap.add_argument("--n-steps", type=int, default=32)
-    ap.add_argument("--train-limit", type=int, default=128)
-    ap.add_argument("--test-limit", type=int, default=150)
-    ap.add_argument("--calib-limit", type=int, default=32)
-    ap.add_argument("--line-limit", type=int, default=64, help="search samples for the static routes' reward line")
-    ap.add_argument("--baselines", default=None, help="comma-separated static baselines (default: all)")
-    ap.add_argument("--optuna-trials", type=int, default=30)
-    ap.add_argument("--mcts-limit", type=int, default=24, help="test samples for the MCTS oracle (0: skip)")
-    ap.add_argument("--mcts-simulations", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--run-dir", default="runs/ppo-table")
-    args = ap.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     from layerroute.envs.routing_env import LayerRoutingVecEnv
     from layerroute.policies.ppo import train_ppo
@@ -134,8 +154,7 @@ def main(argv=None) -> None:
     L = ex.num_layers
     task = get_task(args.task, seed=args.seed)
     test = task.split("test", args.seed)
-    if task.kind == "choice":
-        args.chance = sum(1 / len(e.choices) for e in test.examples) / len(test.examples)
+    chance = sum(1 / len(e.choices) for e in test.examples) / len(test.examples) if task.kind == "choice" else None
     run = Path(args.run_dir)
     base = {"model": ex.fingerprint.to_dict(), "task": task.name, "seed": args.seed}
 
@@ -173,7 +192,7 @@ def main(argv=None) -> None:
                 r = _row(name, kind, res, {"eval_s": round(time.perf_counter() - t0, 1), **(extra or {})})
             table.append(r)
             rows.append(r)
-            write_outputs(rows, curve, line, train, args)
+            write_outputs(rows, curve, line, train, args, chance)
             print(f"{name}: {r['accuracy']:.3f} at {r['mean_blocks']:.2f} blocks", flush=True)
             return r
 
@@ -214,7 +233,7 @@ def main(argv=None) -> None:
                     "full": by_layers.get(tuple(range(L))) if tuple(range(L)) in by_layers else
                     obj.mean_reward(ex.route(None), samples), "rewards": rewards, "samples": len(samples)}
             table.append(line)
-            write_outputs(rows, curve, line, train, args)
+            write_outputs(rows, curve, line, train, args, chance)
         if args.mcts_limit and "mcts" not in table.done():
             cls = get_searcher("mcts")
             obj = Objective(ex, tok, test, list(test.examples)[:args.mcts_limit], lam=args.lam, budget=k)
@@ -231,8 +250,8 @@ def main(argv=None) -> None:
                  "cost": f"{args.mcts_simulations} simulations/sample, {time.perf_counter() - t0:.0f} s"}
             table.append(r)
             rows.append(r)
-        write_outputs(rows, curve, line, train, args)
-    print(f"wrote {RESULTS / 'ppo_table.md'} and {RESULTS / 'ppo_curve.png'}")
+        write_outputs(rows, curve, line, train, args, chance)
+    print(f"wrote {RESULTS / 'ppo_table.md'}, .json and {RESULTS / 'ppo_curve.png'}")
 
 
 if __name__ == "__main__":

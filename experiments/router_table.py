@@ -1,7 +1,11 @@
 """Routers against the full model, static routes and Optuna at equal compute, and the MCTS oracle.
 
-    python -m layerroute.experiments.router_table [--labels experiments/results/mcts_gen] \
-        [--unseen suite:capitals,suite:opposites] [--test-limit 50]
+    OMP_NUM_THREADS=1 python -m layerroute.experiments.router_table [--labels experiments/results/mcts_gen] \
+        [--unseen suite,mmlu] [--test-limit 150]
+
+The defaults are the committed tables' settings: that one command writes both
+``experiments/results/router_table.md`` (the trained task) and ``router_table_unseen.md`` (the
+unseen tasks), each with its ``.json``.
 
 1. Trains routers on the label store(s) (MCTS routes of the trained task's search split) twice:
    teacher forcing only, and with on-policy refinement (always kept), to measure what it does.
@@ -14,15 +18,15 @@
    chose, timed back to back (medians) on 16 test prompts (evaluation wall times are not
    compared: other jobs change them).
 
-Rows are written to ``experiments/results/router_table.md`` / ``.json`` as they finish, so a
-killed run keeps what it did. Run with ``OMP_NUM_THREADS=1`` beside other work.
+Rows are written to ``experiments/results/router_table.md`` / ``.json`` (the trained task) and
+``router_table_unseen.md`` / ``.json`` (the unseen tasks) as they finish, each headed by the command
+and the date, so a killed run keeps what it did. Run with ``OMP_NUM_THREADS=1`` beside other work.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,14 +39,40 @@ from layerroute.routers import RouterPolicy, load_routers, route_prompts, save_r
 from layerroute.routers.training import actions_of, load_labels, pass_counts, prompt_batches, train_routers
 from layerroute.search import get_searcher
 from layerroute.search.baselines import BASELINES
-from layerroute.store import atomic_write, environment, read_store
+from layerroute.config import option, parse_config
+from layerroute.store import environment, read_store
+from layerroute.tables import acc_ci, table, write_result
 from layerroute.tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    labels: tuple = option((str(RESULTS / "mcts_gen"),), "MCTS label store(s) of the trained task", nargs="+",
+                           type=str)
+    unseen: str = option("suite,mmlu", "comma-separated tasks the routers never saw (their own table)")
+    test_limit: int = option(150, "test samples per task")
+    calib_limit: int = option(16, "search samples the static routes and Optuna are chosen on")
+    optuna_trials: int = option(24, "Optuna trials per task")
+    oracle_limit: int = option(60, "test samples of the MCTS oracle (0: skip)")
+    oracle_simulations: int = option(16, "MCTS simulations per oracle sample")
+    epochs: int = option(30, "router training epochs")
+    refine_epochs: int = option(5, "on-policy refinement epochs")
+    baselines: str = option(",".join(BASELINES), "comma-separated static baselines")
+    seed: int = option(0, "split and training seed")
+    threads: int = option(1, "torch threads")
+    out: str = option(str(RESULTS / "router_table"), "the trained task's table (STEM.md, .json); the unseen "
+                      "tasks' goes to STEM_unseen")
+    routers_dir: str = option("runs/router_table_500", "where the trained routers are saved")
+    reuse_routers: bool = option(False, "load the routers of an earlier run from --routers-dir")
+    skip_trained: bool = option(False, "only the unseen tasks")
+
+
 class Table:
-    """Rows written to markdown and JSON after every addition."""
+    """Rows written to markdown and JSON after every addition: the trained task's to ``out``, the unseen
+    tasks' to ``out_unseen``."""
 
     def __init__(self, out: Path, meta: dict):
         self.out, self.meta, self.rows = out, meta, []
@@ -56,19 +86,21 @@ class Table:
         self.write()
 
     def write(self) -> None:
-        lines = [f"# Routers on {self.meta['model']} (test splits)", "",
-                 f"Labels: {self.meta['labels']}. {self.meta.get('training_note', '')}", "",
-                 "| task | method | accuracy (95% CI) | n | mean blocks | agreement with oracle | wall time (s) | note |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for r in self.rows:
-            acc = "-" if r["accuracy"] is None else \
-                f"{100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})"
-            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-            lines.append(f"| {r['task']} | {r['method']} | {acc} | {r['n'] or '-'} | {fmt(r['mean_blocks'], '.2f')} | "
-                         f"{fmt(r['agreement'], '.3f')} | {fmt(r['seconds'], '.1f')} | {r['note']} |")
-        atomic_write(self.out.with_suffix(".md"), "\n".join(lines) + "\n")
-        atomic_write(self.out.with_suffix(".json"), json.dumps({"meta": self.meta, "rows": self.rows}, indent=2,
-                                                               sort_keys=True, default=str) + "\n")
+        for stem, rows in ((self.out, [r for r in self.rows if not r["task"].endswith("(unseen)")]),
+                           (self.out.with_name(self.out.name + "_unseen"),
+                            [r for r in self.rows if r["task"].endswith("(unseen)")])):
+            if rows or stem == self.out:
+                write_result(stem, f"Routers on {self.meta['model']} (test splits)", self._lines(rows),
+                             {"meta": self.meta, "rows": rows})
+
+    def _lines(self, rows) -> list[str]:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        return [f"Labels: {self.meta['labels']}. {self.meta.get('training_note', '')}", "",
+                *table(["task", "method", "accuracy (95% CI)", "n", "mean blocks", "agreement with oracle",
+                        "wall time (s)", "note"],
+                       [[r["task"], r["method"], "-" if r["accuracy"] is None else acc_ci(r["accuracy"], r["ci95"]),
+                         r["n"] or "-", fmt(r["mean_blocks"], ".2f"), fmt(r["agreement"], ".3f"),
+                         fmt(r["seconds"], ".1f"), r["note"]] for r in rows])]
 
 
 def routing_overhead(net, ex, tok, task, examples) -> tuple[float, float]:
@@ -102,31 +134,13 @@ def oracle(ex, tok, task, args, label_settings, seed) -> tuple[list[dict], list]
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--labels", nargs="+", default=[str(RESULTS / "mcts_gen")])
-    ap.add_argument("--unseen", default="suite:capitals,suite:opposites")
-    ap.add_argument("--test-limit", type=int, default=50)
-    ap.add_argument("--calib-limit", type=int, default=12)
-    ap.add_argument("--optuna-trials", type=int, default=24)
-    ap.add_argument("--oracle-limit", type=int, default=12)
-    ap.add_argument("--oracle-simulations", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--refine-epochs", type=int, default=5)
-    ap.add_argument("--baselines", default=",".join(BASELINES))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS / "router_table"))
-    ap.add_argument("--routers-dir", default="runs/router_table", help="where the trained routers are saved")
-    ap.add_argument("--reuse-routers", action="store_true", help="load the routers of an earlier run from --routers-dir")
-    ap.add_argument("--skip-trained", action="store_true", help="only the unseen tasks")
-    args = ap.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
     labels = load_labels(args.labels, ex.fingerprint)
     label_settings = read_store(args.labels[0])[0].get("settings", {})
-    meta = {"model": args.model, "labels": ", ".join(args.labels), "settings": vars(args), "env": environment(),
+    meta = {"model": args.model, "labels": ", ".join(args.labels), "settings": asdict(args), "env": environment(),
             "label_settings": label_settings}
     table = Table(Path(args.out), meta)
 

@@ -10,15 +10,15 @@ on a CPU) and writes ``experiments/results/tasks.md``, ``baselines_suite.md`` an
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from layerroute import RouteExecutor, load_model
 from layerroute.evaluation import evaluate
-from layerroute.store import environment
 from layerroute.search.baselines import format_table, plot_curves, run_baselines
+from layerroute.store import atomic_write_json, environment
+from layerroute.tables import ci, pct, stamp, table, write_report
 from layerroute.tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
 
     limits = {"mmlu": args.limit_mmlu, "gsm8k": args.limit_gsm8k}
-    rows = ["| task | kind | test n | accuracy | 95% CI | chance | blocks | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    header, rows = ["task", "kind", "test n", "accuracy", "95% CI", "chance", "blocks", "tokens/s"], []
     records = {}
     for name in ("suite", "suite:capitals", "suite:opposites", "suite:arithmetic", "suite:comparison",
                  "mmlu", "gpqa", "gsm8k", "aime2025"):
@@ -51,26 +51,25 @@ def main(argv=None) -> None:
         test = task.split("test", args.seed)
         res = evaluate(ex, tok, test, batch_size=args.batch_size, limit=limits.get(name))
         chance = "-" if task.kind != "choice" else f"{100 / len(test.examples[0].choices):.0f}%"
-        rows.append(f"| {name} | {task.kind}{'/' + task.choice_scoring if task.kind == 'choice' else ''} | {res.n} "
-                    f"| {100 * res.accuracy:.1f}% | {100 * res.ci95[0]:.1f}-{100 * res.ci95[1]:.1f} | {chance} "
-                    f"| {res.mean_blocks:.0f} | {res.tokens_per_second:.0f} |")
+        kind = task.kind + ("/" + task.choice_scoring if task.kind == "choice" else "")
+        rows.append([name, kind, res.n, pct(res.accuracy), ci(res.ci95), chance, f"{res.mean_blocks:.0f}",
+                     f"{res.tokens_per_second:.0f}"])
         records[name] = res.metrics()
         print(rows[-1], flush=True)
-    (out / "tasks.md").write_text(
-        f"# Full-model accuracy of {args.model} (test splits, seed {args.seed})\n\n`{cmd}`\n\n" + "\n".join(rows) + "\n")
+    date = stamp(cmd)["date"]
+    write_report(out / "tasks.md", f"# Full-model accuracy of {args.model} (test splits, seed {args.seed})\n\n"
+                 f"`{cmd}` ({date})\n\n" + "\n".join(table(header, rows)) + "\n", {"tasks": records}, cmd)
 
     suite = get_task("suite", seed=args.seed)
     budgets = [float(b) for b in args.budgets.split(",")]
     curve = run_baselines(ex, tok, suite, budgets, seed=args.seed, batch_size=args.batch_size)
-    table = format_table(curve)
-    print(table)
-    (out / "baselines_suite.md").write_text(
-        f"# Static baselines on the generated suite ({args.model}, test split, calibrated on the search split)\n\n"
-        f"`{cmd}`\n\n{table}\n")
+    baselines = format_table(curve)
+    print(baselines)
+    write_report(out / "baselines_suite.md", f"# Static baselines on the generated suite ({args.model}, test split, "
+                 f"calibrated on the search split)\n\n`{cmd}` ({date})\n\n{baselines}\n", {"rows": curve}, cmd)
     plot_curves(curve, out / "baselines_suite.png", f"{args.model}: static baselines on the suite (test split)")
-    (out / "task_results.json").write_text(json.dumps(
-        {"command": cmd, "environment": environment(), "tasks": records, "baselines_suite": curve},
-        indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / "task_results.json", {"command": cmd, "date": date, "environment": environment(),
+                                                  "tasks": records, "baselines_suite": curve})
 
 
 if __name__ == "__main__":
