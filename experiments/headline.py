@@ -5,7 +5,8 @@
 Routers are trained on ``gen`` only, from the robust labels of the edit-space MCTS store
 (``--labels``, filtered against its ``-null`` twin), and their tau is chosen on ``gen``'s
 validation split (within ``--epsilon`` of the full model). Then, on the test split of every task
-(``gen`` trained; ``suite`` and ``mmlu`` never seen by the routers), each point is measured:
+(``gen`` trained, its first ``--test-limit``; ``suite`` and ``mmlu`` never seen by the routers, their first
+``--unseen-limit``), each point is measured:
 
 - the full model, and ``drop_last`` at several compute levels (``--drop-last``);
 - on ``gen``: the recalibrated static routes of ``static_routes.json`` (fitted on 256 search-split
@@ -56,14 +57,22 @@ class Config:
     routers: str = "runs/headline-routers"
 
 
+ADDED = ("ppo_policy", "speed_prompts", "new_tokens")  # settings that change no finished row
+
+
 class Rows:
     """Rows kept in ``OUT/headline.json`` (rewritten after each) so a rerun skips what is done."""
 
     def __init__(self, cfg: Config, command: str):
         self.path = Path(cfg.out) / "headline.json"
         old = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        same = old.get("config") == dataclasses.asdict(cfg)
-        self.data = old if same else {"command": command, "config": dataclasses.asdict(cfg), "rows": [], "extra": {}}
+        now = dataclasses.asdict(cfg)
+        same = {k: v for k, v in old.get("config", {}).items() if k not in ADDED} == \
+            {k: v for k, v in now.items() if k not in ADDED}
+        self.data = old if same else {"command": command, "config": now, "rows": [], "extra": {}}
+        if same:  # a rerun that only adds points (e.g. --ppo-policy) keeps the finished ones
+            self.data.update(command=f"{old['command']}; then {command}" if command != old["command"] else command,
+                             config=now)
         self.data["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     def done(self, key: str):
