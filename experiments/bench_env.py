@@ -9,14 +9,15 @@ episodes with one batched executor call per step. Writes ``experiments/results/b
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from layerroute import RouteExecutor, load_model
+from layerroute.config import option, parse_config
 from layerroute.tables import write_report
 from layerroute.tests.conftest import tiny_model
 from layerroute.tasks import get_task
@@ -64,16 +65,19 @@ def bench(core, n: int, rounds: int, seed: int = 0) -> tuple[float, float]:
     return single, n * rounds / (time.perf_counter() - t0)
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    task: str = option("gen", "task spec")
+    n: int = option(16, "episodes stepped together")
+    rounds: int = option(40, "steps of all N episodes per measurement")
+    limit: int = option(64, "search-split samples the episodes draw from")
+    modes: str = option("per_sample,cola,per_token", "comma-separated env modes")
+    threads: int = option(1, "torch threads")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", default="gen")
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=40, help="steps of all N episodes per measurement")
-    ap.add_argument("--limit", type=int, default=64, help="search-split samples the episodes draw from")
-    ap.add_argument("--modes", default="per_sample,cola,per_token")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     from layerroute.envs.routing_env import build_core
 
@@ -99,7 +103,7 @@ def main(argv=None) -> None:
         "", "| model | mode | rows x padded tokens per sample | single envs (steps/s) | vec env (steps/s) | speedup |",
         "|---|---|---|---|---|---|", *rows, "",
         NOTE, "", "Reproduce: `OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_env`", ""])
-    write_report(RESULTS / "bench_env.md", text, {"args": vars(args), "rows": rows})
+    write_report(RESULTS / "bench_env.md", text, {"args": asdict(args), "rows": rows})
     print(text)
 
 

@@ -8,14 +8,15 @@ Timings interleave the compared calls and report medians, so drift hits both ali
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from layerroute import RouteExecutor, load_model
+from layerroute.config import option, parse_config
 from layerroute.tables import write_report
 
 
@@ -69,13 +70,16 @@ def speedup_table(ex: RouteExecutor, repeats: int, batch: int = 8, tokens: int =
     return rows
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    repeats: int = option(15, "timing repeats")
+    threads: int = option(2, "torch threads")
+    out: str = option(str(Path(__file__).parent / "results" / "bench_executor.md"), "where the report is written")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_executor.md"))
-    args = ap.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
     ex = RouteExecutor(model)
@@ -88,7 +92,7 @@ def main(argv=None) -> None:
     text = "\n".join(parts) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_report(args.out, text, {"args": vars(args)})
+    write_report(args.out, text, {"args": asdict(args)})
 
 
 if __name__ == "__main__":

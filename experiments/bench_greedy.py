@@ -11,16 +11,26 @@ samples with the same ``Objective`` and must drop the same blocks. Writes
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from datetime import datetime, timezone
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from layerroute.config import option, parse_config
 from layerroute.tables import write_report
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Args:
+    task: str = option("gen", "task spec")
+    limit: int = option(16, "search-split samples")
+    rounds: int = option(1, "removal rounds (blocks dropped)")
+    batch_rows: int = option(64, "token rows per executor call")
+    threads: int = option(1, "torch threads")
 
 
 def main(argv=None) -> None:
@@ -31,13 +41,7 @@ def main(argv=None) -> None:
     from layerroute.search.baselines import greedy_cost, greedy_order
     from layerroute.tasks import get_task
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="gen")
-    p.add_argument("--limit", type=int, default=16, help="search-split samples")
-    p.add_argument("--rounds", type=int, default=1, help="removal rounds (blocks dropped)")
-    p.add_argument("--batch-rows", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")
     ex = RouteExecutor(model)
@@ -66,7 +70,7 @@ def main(argv=None) -> None:
                   f"are the same either way."]
     text = "\n".join(lines) + "\n"
     print(text)
-    write_report(RESULTS / "bench_greedy.md", text, {"args": vars(args), "rows": [
+    write_report(RESULTS / "bench_greedy.md", text, {"args": asdict(args), "rows": [
         {"scoring": name, "order": order, "cost": c, "seconds": t} for name, (order, c, t) in rows.items()]}, command)
 
 

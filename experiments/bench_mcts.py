@@ -16,17 +16,18 @@ cheaper than Dr.LLM's evaluation of a path. MCTS reads labels: its routes are an
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import random
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from layerroute import RouteExecutor, load_model
+from layerroute.config import option, parse_config
 from layerroute.objective import Objective
 from layerroute.search.mcts import MCTS, MCTSConfig
 from layerroute.tables import write_report
@@ -69,19 +70,22 @@ def row(name, records, wall, cpu, n) -> tuple[str, int, int]:
             f"{cpu / n:.2f} | {peak:.1f} |"), sims, execs
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    task: str = option("gen", "task spec")
+    samples: int = option(16, "search-split samples")
+    simulations: int = option(64, "MCTS simulations per sample")
+    space: str = option("edit", "MCTS search space")
+    leaves_per_sample: int = option(1, "MCTS leaves expanded per sample per wave")
+    drllm_paths: int = option(2, "Dr.LLM-way paths timed per sample (0: none)")
+    stops_only: bool = option(False, "skip the run with early stops off")
+    seed: int = option(0, "seed of the splits and searches")
+    output: str = option(str(Path(__file__).parent / "results" / "bench_mcts.md"), "where the report is written")
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", default="gen")
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--simulations", type=int, default=64)
-    p.add_argument("--space", default="edit")
-    p.add_argument("--leaves-per-sample", type=int, default=1)
-    p.add_argument("--drllm-paths", type=int, default=2, help="Dr.LLM-way paths timed per sample (0: none)")
-    p.add_argument("--stops-only", action="store_true", help="skip the run with early stops off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_mcts.md"))
-    args = p.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     model, tok = load_model(args.model)
     obj = Objective.from_task(RouteExecutor(model), tok, get_task(args.task), "search", args.samples, args.seed)
     n, threads = len(obj), torch.get_num_threads()
@@ -121,7 +125,7 @@ def main(argv=None) -> None:
                      f"(target >= 10x; CPU time is the fairer figure on a shared machine)")
     text = "\n".join(rows + [""] + notes) + "\n"
     print(text)
-    write_report(args.output, text, {"args": vars(args), "table": rows[4:], "notes": notes}, command)
+    write_report(args.output, text, {"args": asdict(args), "table": rows[4:], "notes": notes}, command)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ machine's load average around each run; and whether every config found the same 
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from layerroute.config import option, parse_config
 from layerroute.search.distributed import RaySearch, SearchSpec
 from layerroute.tables import write_report
 
@@ -69,18 +70,21 @@ def table(rows: list[dict], samples: int) -> str:
     return "\n".join(lines) + f"\n\n{samples} units per run (mcts: samples; random_search: trials); machine: {os.cpu_count()} CPUs."
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    task: str = option("gen", "task spec")
+    searcher: str = option("mcts", "searcher", choices=["mcts", "random_search"])
+    samples: int = option(48, "search-split samples (mcts: the units)")
+    simulations: int = option(16, "mcts simulations per sample")
+    trials: int = option(24, "random_search trials (its units)")
+    chunk_size: int = option(4, "units per actor call (mcts: samples in lockstep)")
+    configs: str = option("1x1,2x1,1x2", "comma-separated WORKERSxTHREADS")
+    output: str = option(str(Path(__file__).parent / "results" / "bench_ray.md"), "where the report is written")
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", default="gen")
-    p.add_argument("--searcher", default="mcts", choices=["mcts", "random_search"])
-    p.add_argument("--samples", type=int, default=48, help="search-split samples (mcts: the units)")
-    p.add_argument("--simulations", type=int, default=16, help="mcts simulations per sample")
-    p.add_argument("--trials", type=int, default=24, help="random_search trials (its units)")
-    p.add_argument("--chunk-size", type=int, default=4, help="units per actor call (mcts: samples in lockstep)")
-    p.add_argument("--configs", default="1x1,2x1,1x2", help="comma-separated WORKERSxTHREADS")
-    p.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_ray.md"))
-    args = p.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
 
     if args.searcher == "mcts":
         config = {"simulations": args.simulations, "lockstep": args.chunk_size}
@@ -104,7 +108,7 @@ def main(argv=None) -> None:
             + "".join(f"- {r['config']}: {', '.join(f'{t:.0f}' for t in r['chunk_times'])}\n" for r in rows))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_report(out, text, {"args": vars(args)})
+    write_report(out, text, {"args": asdict(args)})
     print(f"wrote {out}")
 
 

@@ -21,12 +21,13 @@ fitted from one-token forwards of 1 and L blocks. Writes ``experiments/results/b
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from layerroute import load_model
+from layerroute.config import option, parse_config
 from layerroute.experiments.bench_executor import _median_times
 from layerroute.routers import RoutedModel, load_routers
 from layerroute.scoring import encode_texts, left_pad, task_prompts
@@ -47,16 +48,21 @@ def block_costs(ex, batch: int, repeats: int) -> tuple[float, float]:
     return b, max(0.0, t["one"] - b)
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    routers: str = option(None, "a trained router directory (required)", type=str)
+    task: str = option(None, "prompts from this task's test split (default: the routers' task)", type=str)
+    new_tokens: int = option(32, "new tokens generated")
+    repeats: int = option(5, "timing repeats")
+    threads: int = option(1, "torch threads")
+    out: str = option(str(RESULTS / "bench_routers.md"), "where the report is written")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--routers", required=True, help="a trained router directory")
-    ap.add_argument("--task", default=None, help="prompts from this task's test split (default: the routers' task)")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS / "bench_routers.md"))
-    args = ap.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
+    if not args.routers:
+        raise SystemExit("bench_routers: --routers is required (a trained router directory)")
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     net = load_routers(args.routers, model)
@@ -92,7 +98,7 @@ def main(argv=None) -> None:
               "generate continues from the KV cache the walk filled, so 'routed' minus 'same routes' is the routers' "
               "own cost (window means and router MLPs at each block). 'Routing walk alone' is that prefill with "
               "the routers."]
-    write_report(args.out, "\n".join(lines) + "\n", {"args": vars(args), "table": lines})
+    write_report(args.out, "\n".join(lines) + "\n", {"args": asdict(args), "table": lines})
     print("\n".join(lines))
 
 

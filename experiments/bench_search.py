@@ -17,13 +17,14 @@ writes ``experiments/results/bench_search.md``::
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
 import torch
 
+from layerroute.config import option, parse_config
 from layerroute.tables import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,6 +70,17 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+@dataclass
+class Args:
+    task: str = option("suite", "task spec")
+    limit: int = option(8, "search-split examples")
+    rounds: int = option(1, "greedy removal rounds (blocks dropped)")
+    batch_size: int = option(8, "examples per call, before")
+    batch_rows: int = option(64, "rows per call, after")
+    threads: int = option(1, "torch threads")
+    model: str = option("smollm2-135m", "model name or path")
+
+
 def main(argv=None) -> None:
     import sys
 
@@ -78,15 +90,7 @@ def main(argv=None) -> None:
     from layerroute.search.optuna_search import OptunaConfig, OptunaSearch
     from layerroute.tasks import get_task
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="suite")
-    p.add_argument("--limit", type=int, default=8, help="search-split examples")
-    p.add_argument("--rounds", type=int, default=1, help="greedy removal rounds (blocks dropped)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per call, before")
-    p.add_argument("--batch-rows", type=int, default=64, help="rows per call, after")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--model", default="smollm2-135m")
-    args = p.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
@@ -121,7 +125,7 @@ def main(argv=None) -> None:
     lines += [f"| {w} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {n} |" for w, a, b, n in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    write_report(RESULTS / "bench_search.md", text, {"args": vars(args), "rows": rows})
+    write_report(RESULTS / "bench_search.md", text, {"args": asdict(args), "rows": rows})
 
 
 if __name__ == "__main__":

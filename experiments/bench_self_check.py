@@ -8,22 +8,26 @@ Prints a markdown table: the self-check against a plain HF forward of the probe'
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from layerroute import RouteExecutor, load_model, self_check
+from layerroute.config import option, parse_config
+
+
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    dtype: str = option(None, "model dtype", type=str)
+    repeats: int = option(7, "timing repeats")
+    threads: int = option(torch.get_num_threads(), "torch threads")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = ap.parse_args()
+    args = parse_config(Args, None, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model, dtype=args.dtype, check_supported=False)
     ex = RouteExecutor(model, verify=False)

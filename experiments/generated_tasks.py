@@ -8,10 +8,11 @@ each sub-task so that a killed run keeps what it finished.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from layerroute import RouteExecutor, load_model
+from layerroute.config import option, parse_config
 from layerroute.evaluation import evaluate, wilson_interval
 from layerroute.store import environment
 from layerroute.tables import ci, pct, row, stamp, write_report
@@ -25,20 +26,23 @@ def _row(name, available, test_n, n, right, chance) -> str:
     return row(name, available, test_n, n, pct(right / n), ci(wilson_interval(right, n)), chance)
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    seed: int = option(0, "seed of the splits and searches")
+    size: int = option(DEFAULT_SIZE, "examples generated per sub-task")
+    limit: int = option(400, "test examples scored per sub-task")
+    batch_size: int = option(16, "examples per batch")
+    subtasks: str = option(",".join(SUBTASKS), "comma-separated generated sub-tasks")
+    out: str = option(str(RESULTS), "where the report is written")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help="examples generated per sub-task")
-    ap.add_argument("--limit", type=int, default=400, help="test examples scored per sub-task")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--subtasks", default=",".join(SUBTASKS))
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m layerroute.experiments.generated_tasks " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+        f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if k != "out")
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
     head = [f"# Full-model accuracy of {args.model} on the generated sub-tasks (test split, seed {args.seed})",
@@ -62,7 +66,7 @@ def main(argv=None) -> None:
         print(rows[-1], flush=True)
         pooled = [_row("all (pooled)", "", "", total_n, total_right, "25%")] if len(rows) > 1 else []
         write_report(out / "generated_tasks.md", "\n".join(head + rows + pooled) + "\n",
-                     {"environment": environment(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                     {"environment": environment(), "settings": {k: v for k, v in asdict(args).items() if k != "out"},
                       "subtasks": records}, cmd)
 
 

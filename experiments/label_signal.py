@@ -19,13 +19,14 @@ what a shared 2-core CPU allowed in one session.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from layerroute.cli import main as cli
+from layerroute.config import option, parse_config
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,16 +37,19 @@ def run(argv: list[str]) -> None:
         sys.exit(f"failed: layerroute {' '.join(argv)}")
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    mcts_limit: int = option(200, "search-split samples of the MCTS runs")
+    simulations: int = option(64, "MCTS simulations per sample")
+    signal_limit: int = option(200, "samples of each signal report")
+    signal_tasks: str = option("gen,suite,mmlu", "comma-separated tasks of the signal reports")
+    skip_mcts: bool = option(False, "only the signal reports")
+    out: str = option(str(RESULTS), "where the report is written")
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--mcts-limit", type=int, default=200)
-    p.add_argument("--simulations", type=int, default=64)
-    p.add_argument("--signal-limit", type=int, default=200)
-    p.add_argument("--signal-tasks", default="gen,suite,mmlu")
-    p.add_argument("--skip-mcts", action="store_true", help="only the signal reports")
-    p.add_argument("--out", default=str(RESULTS))
-    args = p.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     out = Path(args.out)
     if not args.skip_mcts:
         store = out / "mcts_edit_gen"

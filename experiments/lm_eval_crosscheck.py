@@ -19,15 +19,16 @@ Writes ``experiments/results/lm_eval_crosscheck.md`` (and the runs' outputs unde
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
 import sys
 import time
 from datetime import date
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from layerroute.config import option, parse_config
 from layerroute.tables import write_report
 
 
@@ -147,18 +148,21 @@ def float64_distance(weights: str, lm: dict, items: dict, k: int) -> dict:
     return out
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    n: int = option(60, "test-split items per task")
+    seed: int = option(0, "seed of the splits and searches")
+    route: str = option("skip:20-24", "a static route to cross-check")
+    router: str = option("runs/routers-gen", "a router directory (skipped if it does not exist)")
+    batch_size: int = option(8, "examples per batch")
+    worst: int = option(5, "options checked against a float64 evaluation, per task")
+    work: str = option("runs/lm-eval-crosscheck", "folder for the tasks and the runs' outputs")
+    out: str = option(str(RESULTS / "lm_eval_crosscheck.md"), "where the report is written")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n", type=int, default=60, help="test-split items per task")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--route", default="skip:20-24")
-    ap.add_argument("--router", default="runs/routers-gen", help="a router directory (skipped if it does not exist)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--worst", type=int, default=5, help="options checked against a float64 evaluation, per task")
-    ap.add_argument("--work", default="runs/lm-eval-crosscheck", help="folder for the tasks and the runs' outputs")
-    ap.add_argument("--out", default=str(RESULTS / "lm_eval_crosscheck.md"))
-    args = ap.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     from transformers import AutoTokenizer
 
     from layerroute.models import resolve_model_path
@@ -219,7 +223,7 @@ def main(argv=None) -> None:
              "Commands (in this order; seconds each, model load included):", "",
              *[f"- `{c}` ({s:.0f} s)" for c, s in zip(commands, seconds.values())], ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_report(args.out, "\n".join(lines), {"args": vars(args), "report": lines})
+    write_report(args.out, "\n".join(lines), {"args": asdict(args), "report": lines})
     print("\n".join(lines))
 
 

@@ -9,12 +9,13 @@ on a CPU) and writes ``experiments/results/tasks.md``, ``baselines_suite.md`` an
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from layerroute import RouteExecutor, load_model
+from layerroute.config import option, parse_config
 from layerroute.evaluation import evaluate
 from layerroute.search.baselines import format_table, plot_curves, run_baselines
 from layerroute.store import atomic_write_json, environment
@@ -24,23 +25,26 @@ from layerroute.tasks import get_task
 RESULTS = Path(__file__).parent / "results"
 
 
+@dataclass
+class Args:
+    model: str = option("smollm2-135m", "model name or path")
+    seed: int = option(0, "seed of the splits and searches")
+    limit_mmlu: int = option(600, "MMLU test items scored")
+    limit_gsm8k: int = option(100, "GSM8K test items scored")
+    batch_size: int = option(16, "examples per batch")
+    budgets: str = option("0.9,0.8,0.7", "comma-separated shares of the blocks")
+    out: str = option(str(RESULTS), "where the report is written")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit-mmlu", type=int, default=600)
-    ap.add_argument("--limit-gsm8k", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--budgets", default="0.9,0.8,0.7")
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
     cmd = "python -m layerroute.experiments.task_results " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+        f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if k != "out")
 
     limits = {"mmlu": args.limit_mmlu, "gsm8k": args.limit_gsm8k}
     header, rows = ["task", "kind", "test n", "accuracy", "95% CI", "chance", "blocks", "tokens/s"], []

@@ -20,6 +20,13 @@ The reward of a route on a sample (``Scores.reward``)::
     - lambda * blocks / L                 compute penalty
     -inf if blocks > budget               the optional hard budget
 
+Prefix states (``PrefixState``) continue any route that shares their blocks; the objective owns the
+one cache of them (``prefixes``: an LRU of states by (samples, chain) under a byte cap) that MCTS,
+Optuna, greedy and the env use. Work computed once per objective (the last-token states, a
+searcher's order, an env's projection) goes through named methods and ``memoised`` functions.
+Token rows and the reading of logits (letter margins, continuation log-likelihoods) are
+``layerroute.scoring``'s, shared with ``evaluate``.
+
 **Null labels** (``null_seed``, choice tasks only): the same objective with each sample's label
 replaced by a seeded random *wrong* option (``null_option``). A search run against null labels
 measures how far chance alone takes an oracle: its figure is the chance level that every oracle

@@ -308,6 +308,16 @@ def _route_rows(executor: RouteExecutor, rows: Rows, routes: Sequence[Route]) ->
 _PACKING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # executor -> packed rows score exactly
 
 
+def packing_verdict(executor: RouteExecutor) -> bool | None:
+    """Whether packed rows score exactly on ``executor``, once someone checked (None before)."""
+    return _PACKING.get(executor)
+
+
+def set_packing_verdict(executor: RouteExecutor, exact: bool) -> None:
+    """Record a packing check's verdict for ``executor`` (every scorer of this executor then uses it)."""
+    _PACKING[executor] = bool(exact)
+
+
 def packing_is_exact(executor: RouteExecutor, tokenizer, task, examples, prompts: Sequence[str],
                      samples: int = 4) -> bool:
     """Whether packed cloze rows score as separate rows do on this model (identity route, the first
@@ -325,7 +335,8 @@ def packing_is_exact(executor: RouteExecutor, tokenizer, task, examples, prompts
         found.append(torch.stack([margin(lp, LETTERS.index(ex.answer)) for lp, ex in zip(options, examples)]))
     a, b = found
     tol = 2e-3 if next(executor.model.parameters()).dtype in (torch.float32, torch.float64) else 2e-1
-    _PACKING[executor] = exact = bool(torch.allclose(a, b, atol=tol, rtol=0, equal_nan=True))
+    exact = bool(torch.allclose(a, b, atol=tol, rtol=0, equal_nan=True))
+    set_packing_verdict(executor, exact)
     if not exact:
         warnings.warn(f"{type(executor.model).__name__}: options packed behind one shared prompt do not score as "
                       f"separate rows (margins {a.tolist()} against {b.tolist()}); scoring each option in its "

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from layerroute.errors import InputError
 from layerroute.executor import RouteExecutor
 from layerroute.models import DEFAULT_MODEL, load_model
-from layerroute.scoring import left_pad, pack_options, packed_greedy, packed_logliks, packed_targets
+from layerroute.scoring import (left_pad, pack_options, packed_greedy, packed_logliks, packed_targets, packing_verdict,
+                                set_packing_verdict)
 
 from .base import StaticPolicy, load_policy
 
@@ -185,15 +186,15 @@ class LayerRouteLM(TemplateLM):
         """Options packed behind one context must score as in their own rows (as ``Objective``
         checks, once per executor); else each request gets its own row, with a warning."""
         ex = self.executor
-        if hasattr(ex, "_packing_exact"):
+        if packing_verdict(ex) is not None:
             return
         enc = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         ctx, opts, identity = enc("The capital of France is"), [enc(" Paris"), enc(" the city of Lyon")], [ex.route()]
         packed = [ll for ll, _ in self._score_rows([(ctx, opts)], identity)[0]]
         alone = [self._score_rows([(ctx, [o])], identity)[0][0][0] for o in opts]
         tol = 2e-3 if next(ex.model.parameters()).dtype in (torch.float32, torch.float64) else 2e-1
-        ex._packing_exact = all(abs(a - b) <= tol for a, b in zip(packed, alone))
-        if not ex._packing_exact:
+        set_packing_verdict(ex, all(abs(a - b) <= tol for a, b in zip(packed, alone)))
+        if not packing_verdict(ex):
             warnings.warn(f"{type(ex.model).__name__}: continuations packed behind one context do not score as in "
                           f"their own rows ({packed} against {alone}); scoring each in its own row (slower)",
                           stacklevel=2)
@@ -201,7 +202,7 @@ class LayerRouteLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, route_inputs=None):
         """``requests``: ``(strings, context tokens, continuation tokens)``; ``route_inputs``: the
         tokens each request's route is picked from (default: its context)."""
-        L, pack = self.max_length, self.executor._packing_exact
+        L, pack = self.max_length, packing_verdict(self.executor)
         groups: dict = {}  # (context, route input[, continuation]) -> {continuation: [request indices]}
         for j, (_, ctx, cont) in enumerate(requests):
             if not 0 < len(cont) <= L:

@@ -17,11 +17,18 @@ tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
 executor = RouteExecutor(tiny_model("llama", vocab_size=len(tok)))
 """
 CHECKS = """
+from layerroute.evaluation import evaluate
+from layerroute.objective import Objective
 from layerroute.policies.base import POLICIES
 from layerroute.search.base import SEARCHERS
 assert task.name == "colours" and len(task.examples) == 4
+searcher = FirstBlocks(Objective(executor, tok, task, budget=3))
+summary = searcher.summarize(list(searcher.search(searcher.units())))
 assert summary["route"]["layers"] == [0, 1, 2] and "first_blocks" in SEARCHERS
-assert "skip_last_on_short" in POLICIES and result.n == 4 and 1 <= result.mean_blocks <= executor.num_layers
+for policy in (SkipLastOnShort(), NormRouter()):
+    result = evaluate(executor, tok, task, policy, progress=False)
+    assert result.n == 4 and 1 <= result.mean_blocks <= executor.num_layers
+assert "skip_last_on_short" in POLICIES
 print("ok")
 """
 
