@@ -131,7 +131,13 @@ class RoutedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model_or_path, router_dir: str | Path, *, device: str = "cpu", dtype=None,
                         budget=None, tau: float | None = None, trust_remote_code: bool = False) -> RoutedModel:
-        """Wrap an already-loaded HF model, or load one by name or path with ``layerroute.load_model``."""
+        """Wrap an already-loaded HF model, or load one by name or path with ``layerroute.load_model``.
+        A directory of per-token routers (``train-token-router``) gives a ``TokenRoutedModel``, which
+        decides per token and block at prefill and at every decoded token (``token_router.py``)."""
+        from .token_router import TokenRoutedModel, is_token_router_dir
+
+        if is_token_router_dir(router_dir):
+            return TokenRoutedModel.from_pretrained(base_model_or_path, router_dir, device=device, dtype=dtype)
         tokenizer = None
         if isinstance(base_model_or_path, (str, Path)):
             from layerroute.models import load_model
