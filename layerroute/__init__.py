@@ -7,11 +7,10 @@ Names are imported on first use (PEP 562), so ``import layerroute`` and the comm
 ``--help`` load neither torch nor transformers.
 """
 
-from importlib import import_module
-
 from .errors import (FingerprintMismatchError, InputError, LayerRouteError, ModelFileError, ModelNotFoundError,
                      NotExactError, RouteError, UnsupportedModelError)
 from .harness import install_backend as _install_lm_eval_backend
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -28,12 +27,7 @@ _LAZY = {
 _install_lm_eval_backend()
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'layerroute' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def __dir__():

@@ -375,9 +375,9 @@ def default_output(args, what: str) -> str:
 # ---- small runs (the README check) ----------------------------------------------------------
 # LAYERROUTE_README_SMALL=1 caps sizes so that every command of README.md runs in seconds; it
 # never changes what a command does, only how much of it. A command may raise a cap (`small`).
-SMALL = {"limit": 8, "calib_limit": 8, "val_limit": 8, "search_limit": 8, "test_limit": 8, "tau_limit": 8,
-         "simulations": 4, "trials": 4, "timesteps": 32, "n_envs": 4, "n_steps": 8, "epochs": 2, "refine_epochs": 1,
-         "max_new_tokens": 8, "static_limit": 4}
+SMALL = {"limit": 4, "calib_limit": 4, "val_limit": 4, "search_limit": 4, "test_limit": 4, "tau_limit": 4,
+         "simulations": 2, "trials": 2, "timesteps": 32, "n_envs": 4, "n_steps": 8, "epochs": 1, "refine_epochs": 1,
+         "max_new_tokens": 8}
 
 
 def shrink(args, caps: dict | None = None) -> list[str]:

@@ -3,15 +3,9 @@ saved-policy registry (``load_policy``). PPO policies and routers register here 
 imported on first use (PEP 562), so ``layerroute.policies.commands`` stays light; using any of
 them registers the PPO policy type."""
 
-from importlib import import_module
+from layerroute.lazy import lazy_attributes
 
 _FROM = {**dict.fromkeys(("POLICIES", "PolicyError", "RoutingPolicy", "StaticPolicy", "load_policy",
                           "register_policy"), ".base"), "PPOPolicy": ".ppo_policy"}
 __all__ = sorted(_FROM)
-
-
-def __getattr__(name):
-    if name in _FROM:
-        import_module(".ppo_policy", __name__)  # registers the "ppo" policy type
-        return getattr(import_module(_FROM[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _FROM, first=(".ppo_policy",))  # (it registers the "ppo" policy type)

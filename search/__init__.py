@@ -6,18 +6,17 @@ any of them, or ``get_searcher``, registers every searcher in ``SEARCHERS``.
 
 from importlib import import_module
 
+from layerroute.lazy import lazy_attributes
+
 __all__ = ["SEARCHERS", "RandomSearch", "SearchConfig", "SearchError", "Searcher", "get_searcher",
            "register_searcher", "run_search"]
+SEARCHER_MODULES = (".baselines", ".mcts", ".optuna_search")  # each registers its searchers on import
 
 
 def load_searchers() -> None:
-    """Import every searcher module, which registers it (baselines, the MCTS oracle, Optuna)."""
-    for name in ("baselines", "mcts", "optuna_search"):
-        import_module(f".{name}", __name__)
+    """Import every searcher module, which registers it."""
+    for name in SEARCHER_MODULES:
+        import_module(name, __name__)
 
 
-def __getattr__(name):
-    if name in __all__:
-        load_searchers()
-        return getattr(import_module(".base", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(__all__, ".base"), first=SEARCHER_MODULES)

