@@ -115,30 +115,35 @@ def render(data: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['kind']} | {r['n']} | {_acc(r)} | {r['mean_blocks']:.2f} | {r['note']} |"
                   for r in rows]
-        lines += ["", verdict(rows), ""]
+        lines += ["", verdict(rows, data.get("chosen_tau")), ""]
     for name, text in data.get("extra", {}).items():
         lines += [f"## {name}", "", text, ""]
     return "\n".join(lines)
 
 
-def verdict(rows: list[dict]) -> str:
-    """The routers at the chosen tau against the best static route with at most their mean blocks."""
-    chosen = next((r for r in rows if r["kind"] == "router" and r.get("chosen")), None)
+def verdict(rows: list[dict], tau: float | None) -> str:
+    """The routers at the chosen tau against the strongest static route (the full model included)
+    that runs at most their mean blocks; the difference with its 95% CI (Newcombe)."""
+    from layerroute.evaluation import newcombe_interval
+
     full = next((r for r in rows if r["kind"] == "full"), None)
+    chosen = full if tau == 1.0 else next((r for r in rows if r["kind"] == "router" and r.get("tau") == tau), None)
     if chosen is None or full is None:
         return ""
+    text = (f"Routers at the validation-chosen tau {tau:g}: {100 * chosen['accuracy']:.1f}% at "
+            f"{chosen['mean_blocks']:.2f} blocks" + (" (they never leave the full route)" if tau == 1.0 else "")
+            + f"; full model {100 * full['accuracy']:.1f}% at {full['mean_blocks']:.0f}.")
     statics = [r for r in rows if r["kind"] in ("static", "full") and r["mean_blocks"] <= chosen["mean_blocks"] + 1e-9]
     best = max(statics, key=lambda r: r["accuracy"], default=None)
-    text = (f"Routers at the chosen tau: {100 * chosen['accuracy']:.1f}% at {chosen['mean_blocks']:.2f} blocks; "
-            f"full model {100 * full['accuracy']:.1f}% at {full['mean_blocks']:.0f}.")
     if best is None:
-        return text + " No static route here runs as few blocks, so no static comparison at equal compute."
-    won = chosen["accuracy"] > best["ci95"][1]
-    lost = chosen["accuracy"] < best["ci95"][0]
-    word = "beat" if won else "lose to" if lost else "do not differ (within its 95% CI) from"
-    return text + (f" They {word} the strongest static route (the full model included) at no more compute, "
-                   f"{best['method']} "
-                   f"({100 * best['accuracy']:.1f}% at {best['mean_blocks']:.0f} blocks).")
+        return text + " No static route runs as few blocks, so there is no comparison at equal compute."
+    k1, k2 = round(chosen["accuracy"] * chosen["n"]), round(best["accuracy"] * best["n"])
+    lo, hi = newcombe_interval(k1, chosen["n"], k2, best["n"])
+    word = "above" if lo > 0 else "below" if hi < 0 else "not distinguishable from"
+    return text + (f" Against the strongest static route at no more compute, {best['method']} "
+                   f"({100 * best['accuracy']:.1f}% at {best['mean_blocks']:.0f} blocks): "
+                   f"{100 * (chosen['accuracy'] - best['accuracy']):+.1f} points (95% CI {100 * lo:+.1f} to "
+                   f"{100 * hi:+.1f}), {word} it.")
 
 
 def plot(data: dict, path: Path) -> None:
@@ -161,10 +166,15 @@ def plot(data: dict, path: Path) -> None:
             y = [100 * r["accuracy"] for r in pts]
             err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["accuracy"])
                                                                         for r in pts]]
-            hollow = kind in ("oracle", "null")
+            hollow = kind in ("oracle", "null")  # upper bounds and chance: not results
             ax.errorbar(x, y, yerr=err, color=color, marker=marker, ls="-" if kind == "router" else "none",
-                        mfc="none" if hollow else color, capsize=2, label={"oracle": "MCTS ORACLE (upper bound)",
+                        mfc="none" if hollow else color, capsize=2, zorder=5 if kind == "full" else 2, ms=10 if kind == "full" else 6, label={"oracle": "MCTS ORACLE (upper bound)",
                                                                        "null": "MCTS null (chance)"}.get(kind, kind))
+        tau = data.get("chosen_tau")
+        pick = next((r for r in rows if (r["kind"] == "full" if tau == 1.0 else r.get("tau") == tau)), None)
+        if pick is not None:
+            ax.plot(pick["mean_blocks"], 100 * pick["accuracy"], "o", ms=14, mfc="none", mec="tab:red",
+                    label=f"routers at the chosen tau {tau:g}")
         ax.set_title(f"{task} ({'trained' if task == 'gen' else 'unseen by the routers'})")
         ax.set_xlabel("mean executed blocks")
         ax.set_ylabel("accuracy (%)")
@@ -177,27 +187,34 @@ def plot(data: dict, path: Path) -> None:
 def routers_for(cfg: Config, ex, tok, rows: Rows):
     """Train (or reload) the routers on gen's robust labels and choose tau on gen's validation split."""
     from layerroute.routers import load_routers, save_routers
-    from layerroute.routers.tau import calibrate_tau
+    from layerroute.routers.tau import calibrate_tau, choose_tau
     from layerroute.routers.training import load_labels, train_routers
     from layerroute.tasks import get_task
 
     folder = Path(cfg.routers)
     if (folder / "router_config.json").is_file():
-        return load_routers(folder, ex.model)
-    labels = load_labels([Path(cfg.labels)], ex.fingerprint)
-    rows.data["extra"]["labels"] = (
-        f"Robust labels from `{cfg.labels}`: {labels.kept} of {labels.kept + labels.filtered} samples keep their "
-        f"searched route (margin gain above {labels.threshold:.3f} nats, exceeded by at most 5% of null searches); "
-        f"the rest are labelled with the full route.")
-    net, report = train_routers(ex, tok, labels, seed=cfg.seed, base_model=cfg.model)
-    task = get_task("gen", seed=cfg.seed)
-    cal = calibrate_tau(net, ex, tok, task, cfg.seed, limit=cfg.tau_limit, epsilon=cfg.epsilon,
-                        batch_size=cfg.batch_size)
+        net = load_routers(folder, ex.model)
+    else:
+        labels = load_labels([Path(cfg.labels)], ex.fingerprint)
+        rows.data["extra"]["labels"] = (
+            f"Robust labels from `{cfg.labels}`: {labels.kept} of {labels.kept + labels.filtered} samples keep "
+            f"their searched route (margin gain above {labels.threshold:.3f} nats, exceeded by at most 5% of null "
+            f"searches); the rest are labelled with the full route.")
+        net, _ = train_routers(ex, tok, labels, seed=cfg.seed, base_model=cfg.model)
+    cal = net.config.training.get("tau", {})
+    if cal.get("rule") != "bound" or cal.get("epsilon") != cfg.epsilon:  # (re)choose tau on validation
+        cal = calibrate_tau(net, ex, tok, get_task("gen", seed=cfg.seed), cfg.seed, limit=cfg.tau_limit,
+                            epsilon=cfg.epsilon, batch_size=cfg.batch_size)
+        save_routers(folder, net)
+    point = choose_tau(cal["sweep"], cfg.epsilon, "point")
+    rows.data["chosen_tau"] = cal["tau"]
     rows.data["extra"]["tau"] = (
-        f"tau {cal['tau']} chosen on {cal['chosen']['n']} gen validation samples: the most compute saved within "
-        f"{100 * cfg.epsilon:g} points of the full model (sweep: " + ", ".join(
-            f"{r['tau']}: {100 * r['accuracy']:.1f}% at {r['mean_blocks']:.2f}" for r in cal["sweep"]) + ").")
-    save_routers(folder, net)
+        f"tau {cal['tau']:g} chosen on {cal['chosen']['n']} gen validation samples: the most compute saved while "
+        f"the upper end of the paired 95% CI of the accuracy loss stays within {100 * cfg.epsilon:g} point(s) "
+        f"(rule `bound`). The measured loss alone (rule `point`) would take tau {point['tau']:g}. Validation "
+        f"sweep (tau: accuracy, loss bound, blocks): " + ", ".join(
+            f"{r['tau']:g}: {100 * r['accuracy']:.1f}%, {100 * r['loss_bound']:.1f}, {r['mean_blocks']:.2f}"
+            for r in cal["sweep"]) + ".")
     return net
 
 
@@ -214,15 +231,13 @@ def measure_task(cfg: Config, ex, tok, net, name: str, statics: list[dict], rows
         grid = {float(t) for t in cfg.taus.split(",") if t} | {chosen, 1.0}
         for r in sweep_tau(net, ex, tok, test, sorted(grid), limit=limit, batch_size=cfg.batch_size):
             common = {"task": name, "n": r["n"], "accuracy": r["accuracy"], "ci95": r["ci95"],
-                      "mean_blocks": r["mean_blocks"], "tau": r["tau"], "chosen": r["tau"] == chosen}
+                      "mean_blocks": r["mean_blocks"], "tau": r["tau"]}
             if r["tau"] == 1.0:
                 rows.add({**common, "key": f"{name}:full model", "method": "full model", "kind": "full",
-                          "chosen": False, "note": "= the routers at tau 1" + (" (the chosen tau)" if chosen == 1.0
-                                                                                 else "")})
-            if r["tau"] < 1.0 or chosen == 1.0:
+                          "note": "= the routers at tau 1"})
+            else:
                 rows.add({**common, "key": f"{name}:routers tau {r['tau']:g}", "method": f"routers tau {r['tau']:g}",
-                          "kind": "router", "note": ("validation-chosen tau; " if r["tau"] == chosen else "") +
-                          f"{r['rerouted']} of {r['n']} samples leave the full route"})
+                          "kind": "router", "note": f"{r['rerouted']} of {r['n']} samples leave the full route"})
     full = rows.done(f"{name}:full model")
 
     def point(method, kind, policy, note=""):

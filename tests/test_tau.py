@@ -50,7 +50,8 @@ def test_tau_chosen_on_validation_meets_its_epsilon(tiny, tok):  # noqa: F811
                 choice_scoring="letter", answer_prefix="It is")
     assert len(task.split("validation", 0).examples) >= 5
     net, ex = make_net(tiny.model, seed=3), tiny
-    cal = calibrate_tau(net, ex, tok, task, seed=0, limit=None, epsilon=0.2, grid=(1.0, 0.8, 0.6, 0.45, 0.35))
+    cal = calibrate_tau(net, ex, tok, task, seed=0, limit=None, epsilon=0.2, grid=(1.0, 0.8, 0.6, 0.45, 0.35),
+                        rule="point")
     full = next(r for r in cal["sweep"] if r["tau"] == 1.0)
     chosen = cal["chosen"]
     assert net.config.tau == cal["tau"] == chosen["tau"] and full["mean_blocks"] == ex.num_layers
@@ -61,7 +62,17 @@ def test_tau_chosen_on_validation_meets_its_epsilon(tiny, tok):  # noqa: F811
     assert again.accuracy == chosen["accuracy"] and again.mean_blocks == pytest.approx(chosen["mean_blocks"])
     rows = [{"tau": 1.0, "accuracy": 0.5, "mean_blocks": 5}, {"tau": 0.9, "accuracy": 0.495, "mean_blocks": 4},
             {"tau": 0.5, "accuracy": 0.48, "mean_blocks": 2}]
-    assert choose_tau(rows, 0.01)["tau"] == 0.9 and choose_tau(rows, 0.0)["tau"] == 1.0
+    assert choose_tau(rows, 0.01, "point")["tau"] == 0.9 and choose_tau(rows, 0.0, "point")["tau"] == 1.0
+
+
+def test_the_default_rule_needs_the_loss_bound_within_epsilon():
+    rows = [{"tau": 1.0, "accuracy": 0.5, "mean_blocks": 5, "loss_bound": 0.0},
+            {"tau": 0.9, "accuracy": 0.5, "mean_blocks": 4, "loss_bound": 0.008},
+            {"tau": 0.5, "accuracy": 0.5, "mean_blocks": 2, "loss_bound": 0.04}]  # same accuracy, unsure
+    assert choose_tau(rows, 0.01)["tau"] == 0.9 and choose_tau(rows, 0.05)["tau"] == 0.5
+    assert choose_tau(rows, 0.005)["tau"] == 1.0 and choose_tau(rows, 0.01, "point")["tau"] == 0.5
+    with pytest.raises(ValueError, match="unknown tau rule"):
+        choose_tau(rows, 0.01, "loose")
 
 
 def test_sweep_equals_evaluating_every_tau_in_full(tiny, tok):  # noqa: F811
@@ -74,6 +85,7 @@ def test_sweep_equals_evaluating_every_tau_in_full(tiny, tok):  # noqa: F811
     rows = sweep_tau(net, tiny, tok, task, grid, batch_size=5)
     assert [r["tau"] for r in rows] == sorted(grid, reverse=True)
     assert 0 < rows[-1]["rerouted"] <= len(task.examples) and rows[0]["rerouted"] == 0
+    assert rows[0]["loss_bound"] == 0.0 and all(r["loss_bound"] is not None for r in rows)
     for row in rows:
         full = evaluate(tiny, tok, task, RouterPolicy(net, tau=row["tau"]), batch_size=5, progress=False)
         assert (row["accuracy"], row["n"]) == (full.accuracy, full.n)
