@@ -167,9 +167,10 @@ def plot(data: dict, path: Path) -> None:
             err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["accuracy"])
                                                                         for r in pts]]
             hollow = kind in ("oracle", "null")  # upper bounds and chance: not results
+            names = {"oracle": "MCTS ORACLE (upper bound)", "null": "MCTS null (chance)"}
             ax.errorbar(x, y, yerr=err, color=color, marker=marker, ls="-" if kind == "router" else "none",
-                        mfc="none" if hollow else color, capsize=2, zorder=5 if kind == "full" else 2, ms=10 if kind == "full" else 6, label={"oracle": "MCTS ORACLE (upper bound)",
-                                                                       "null": "MCTS null (chance)"}.get(kind, kind))
+                        mfc="none" if hollow else color, capsize=2, zorder=5 if kind == "full" else 2,
+                        ms=10 if kind == "full" else 6, label=names.get(kind, kind))
         tau = data.get("chosen_tau")
         pick = next((r for r in rows if (r["kind"] == "full" if tau == 1.0 else r.get("tau") == tau)), None)
         if pick is not None:
