@@ -94,10 +94,47 @@ def build_pipeline(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="redo a search already in --output")
 
 
+def cmd_train_token_router(args) -> int:
+    from .token_router import TrainTokenRouterConfig, train_token_router_run
+
+    config = config_of(TrainTokenRouterConfig, args, base_model=args.model, progress=not args.no_progress)
+    train_token_router_run(config, lambda: load(args))
+    return 0
+
+
+def build_train_token_router(p) -> None:
+    add_model_args(p)
+    p.add_argument("--output", default="runs/token_router",
+                   help="directory for token_routers.safetensors, token_router_config.json and the training state "
+                        "(an unfinished run there with the same settings resumes)")
+    p.add_argument("--overwrite", action="store_true", help="start again even if --output holds a run")
+    p.add_argument("--tasks", default="gen,suite,gsm8k,mmlu",
+                   help="tasks whose texts form the corpus (search split: training; validation split: held out)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per window")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lambda", dest="lam", type=float, default=0.1,
+                   help="weight of the executed share in the loss (>= 0; larger skips more)")
+    p.add_argument("--gate", default="straight-through", choices=["straight-through", "gumbel"])
+    p.add_argument("--temperature", type=float, default=1.0, help="Gumbel-sigmoid temperature")
+    p.add_argument("--bottleneck", type=int, default=64)
+    p.add_argument("--init-logit", type=float, default=0.0, help="initial router bias (0: probability 0.5)")
+    p.add_argument("--threshold", type=float, default=0.5, help="inference threshold saved with the routers")
+    p.add_argument("--rule", default="kv-kept", choices=["kv-kept", "absent"],
+                   help="what a skipped token is at a block at inference (saved with the routers)")
+    p.add_argument("--val-windows", type=int, default=16, help="held-out windows for the KL")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations and checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def register() -> list[Command]:
     return [
         Command("train-router", "train per-layer routers on searched routes (MCTS, Optuna or PPO stores)",
                 build_train_router, cmd_train_router),
+        Command("train-token-router", "train per-token routers (one gate per block) by distillation from the full "
+                "model: KL + lambda x executed share", build_train_token_router, cmd_train_token_router),
         Command("pipeline", "the main job: MCTS search, train routers, evaluate against the full model and the best "
                 "static route, generate with the routed model", build_pipeline, cmd_pipeline,
                 checks={"baseline": baseline_check}),
