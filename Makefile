@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.layerroute-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test readme bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# README.md as a tested contract (also part of `make test`): every block, in order, at small sizes
+readme: setup
+	$(PY) -m pytest -s tests/test_readme.py
 
 bench: setup
 	$(PY) -m layerroute.experiments.bench_executor

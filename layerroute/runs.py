@@ -36,6 +36,10 @@ def _headline(header: dict, records: list[dict]) -> str:
     if "oracle_accuracy" in m:
         return f"oracle {_pct(m['oracle_accuracy'])} at {m.get('mean_best_blocks', float('nan')):.2f} blocks, " \
                f"n={m.get('samples', '?')}"
+    if "timesteps" in m:  # PPO: the last learning-curve point
+        curve = [r for r in records if r.get("type") == "curve"]
+        return f"{m['timesteps']} steps" + (f", last rollout mean reward {curve[-1]['mean_reward']:.4f} at "
+                                             f"{curve[-1]['mean_blocks']:.2f} blocks" if curve else "")
     if "route" in m and "reward" in m:
         blocks = len(m["route"].get("layers", [])) if isinstance(m["route"], dict) else "?"
         return f"best route {blocks} blocks, mean reward {m['reward']:.4f}" + \
