@@ -292,7 +292,8 @@ class RoutingCore:
             progress.append(Progress(t + 1, p.blocks + eff, p.chain + chain))
             done.append(t + 1 >= obj.num_layers)
             r += g.shape[0]
-        state = obj.executor.advance(prefix.state, chains, token_mask=keep)
+        # token-sparse (layerroute.sparse): skipped tokens keep their K/V but cost no attention output or MLP
+        state = obj.executor.advance(prefix.state, chains, token_mask=keep, token_rule="kv-kept")
         return progress, done, PrefixState(prefix.samples, state, [p.blocks for p in progress], prefix.sizes)
 
 
