@@ -222,6 +222,7 @@ def routers_for(cfg: Config, ex, tok, rows: Rows):
 def measure_task(cfg: Config, ex, tok, net, name: str, statics: list[dict], rows: Rows) -> None:
     from layerroute.evaluation import evaluate
     from layerroute.route import Route
+    from layerroute.routers import RouterPolicy
     from layerroute.routers.tau import sweep_tau
     from layerroute.tasks import get_task
 
@@ -241,10 +242,13 @@ def measure_task(cfg: Config, ex, tok, net, name: str, statics: list[dict], rows
                           "kind": "router", "note": f"{r['rerouted']} of {r['n']} samples leave the full route"})
     full = rows.done(f"{name}:full model")
 
-    def point(method, kind, policy, note=""):
+    def point(method, kind, policy, note="", **extra):
         if rows.done(f"{name}:{method}") is None:
             r = evaluate(ex, tok, test, policy, batch_size=cfg.batch_size, limit=limit, progress=False)
-            rows.add(row_of(name, method, kind, r, note))
+            rows.add(row_of(name, method, kind, r, note, **extra))
+
+    if chosen < 1.0:  # a tau chosen off the sweep's grid (a rerun after the rule changed)
+        point(f"routers tau {chosen:g}", "router", RouterPolicy(net, tau=chosen), tau=chosen)
 
     known = {}
     if name == "gen":  # static_routes.json scored these same test samples: checked on the full model
