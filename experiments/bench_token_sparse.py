@@ -247,6 +247,14 @@ class Report:
     def __init__(self, args: Args, command: str, meta: dict):
         self.args, self.command, self.meta = args, command, meta
         self.parts: dict[str, dict] = {}
+        self.earlier: dict[str, dict] = {}  # parts this run does not redo, kept from the last run of <name>
+        old = RESULTS / f"{args.name}.json"
+        if old.is_file():
+            data = json.loads(old.read_text())
+            for part, p in data.get("parts", {}).items():
+                if part not in args.parts.split(","):
+                    self.earlier[part] = {"command": data.get("command"), "meta": data.get("meta"),
+                                          "args": data.get("args"), **p}
 
     def __call__(self, part, rows, flops, times, done_repeats=None):
         base = "dense (no mask)"
@@ -270,14 +278,20 @@ class Report:
                  f"{a.dtype}, model {a.model} ({self.meta['layers']} blocks). Load average at start: "
                  f"{self.meta['load']}. Medians over the repeats done (interleaved). Ideal = dense FLOPs / "
                  f"variant FLOPs, counted from the actual masks (see the script's docstring).\n"]
-        for part, what in (("prefill", f"Prefill, batch {a.prefill_batch} x {a.prefill_tokens} tokens, "
-                                       f"last-position logits"),
-                           ("decode", f"Decoding, batch {a.decode_batch}, {a.decode_prompt}-token prompt (not "
-                                      f"timed), {a.decode_new} cached steps")):
-            if part not in self.parts:
+        parts = {**self.earlier, **self.parts}
+        for part in ("prefill", "decode"):
+            if part not in parts:
                 continue
-            p = self.parts[part]
-            lines += [f"## {what} ({p['repeats_done']} of {a.repeats} repeats)\n",
+            p = parts[part]
+            pa = Args(**p["args"]) if "args" in p else a
+            what = (f"Prefill, batch {pa.prefill_batch} x {pa.prefill_tokens} tokens, last-position logits"
+                    if part == "prefill" else f"Decoding, batch {pa.decode_batch}, {pa.decode_prompt}-token prompt "
+                                              f"(not timed), {pa.decode_new} cached steps")
+            lines += [f"## {what} ({p['repeats_done']} of {pa.repeats} repeats)\n"]
+            if "command" in p:
+                lines += [f"From an earlier run: `{p['command']}`, {p['meta']['date']}, load average "
+                          f"{p['meta']['load']}.\n"]
+            lines += [
                       "| variant | GFLOPs | wall (s) | CPU (s) | speedup, wall | speedup, CPU | ideal | "
                       "wall / ideal | CPU / ideal |", "|---|---|---|---|---|---|---|---|---|"]
             for r in p["rows"]:
@@ -290,7 +304,7 @@ class Report:
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic(path, "\n".join(lines) + "\n")
         _atomic(RESULTS / f"{a.name}.json", json.dumps(dict(command=self.command, meta=self.meta, args=asdict(a),
-                                                            parts=self.parts), indent=2, sort_keys=True) + "\n")
+                                                            parts=parts), indent=2, sort_keys=True) + "\n")
 
     def verdict(self, part, rows) -> list[str]:
         out = []

@@ -37,3 +37,10 @@ def test_benchmark_smoke_run_writes_md_and_json(tiny_dir, tmp_path):
     variants = [r["variant"] for r in data["parts"]["prefill"]["rows"]]
     assert variants[0] == "dense (no mask)" and "kv-kept, 50%" in variants and "absent, 25%" in variants
     assert all(r["ideal"] >= 1.0 for r in data["parts"]["decode"]["rows"])
+    # a run of one part keeps the other part of the last run, with that run's command
+    main(["--model", str(tiny_dir), "--parts", "decode", "--decode-batch", "4", "--decode-prompt", "8",
+          "--decode-new", "2", "--repeats", "1", "--threads", "1", "--name", name])
+    again = json.loads((tmp_path / "bench.json").read_text())
+    assert again["parts"]["prefill"]["rows"] == data["parts"]["prefill"]["rows"]
+    assert again["parts"]["prefill"]["command"] == data["command"] and "--parts decode" in again["command"]
+    assert "From an earlier run" in (tmp_path / "bench.md").read_text()
