@@ -33,8 +33,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def run(argv: list[str]) -> None:
     print("$ layerroute " + " ".join(argv), flush=True)
-    if cli(argv) != 0:
-        sys.exit(f"failed: layerroute {' '.join(argv)}")
+    saved, sys.argv = sys.argv, ["layerroute", *argv]  # reports name the command that made them
+    try:
+        if cli(argv) != 0:
+            sys.exit(f"failed: layerroute {' '.join(argv)}")
+    finally:
+        sys.argv = saved
 
 
 @dataclass
