@@ -483,14 +483,8 @@ class _EditEvaluator(_PrefixEvaluator):
 
 
 def _chunks(items, obj):
-    """Consecutive items of at most ``batch_rows`` rows (at least one item)."""
-    chunk, rows = [], 0
-    for item in items:
-        n = int(obj.num_rows[item[0].index])
-        if chunk and rows + n > obj.batch_rows:
-            yield chunk
-            chunk, rows = [], 0
-        chunk.append(item)
-        rows += n
-    if chunk:
-        yield chunk
+    """Consecutive items of at most ``batch_rows`` rows (at least one item), as ``Objective.batches`` cuts them."""
+    start = 0
+    for chunk in obj.batches([item[0].index for item in items]):
+        yield items[start:start + len(chunk)]
+        start += len(chunk)
