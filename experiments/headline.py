@@ -116,9 +116,49 @@ def render(data: dict) -> str:
         lines += [f"| {r['method']} | {r['kind']} | {r['n']} | {_acc(r)} | {r['mean_blocks']:.2f} | {r['note']} |"
                   for r in rows]
         lines += ["", verdict(rows, data.get("chosen_tau")), ""]
+    lines += goals(data)
     for name, text in data.get("extra", {}).items():
         lines += [f"## {name}", "", text, ""]
     return "\n".join(lines)
+
+
+def goals(data: dict) -> list[str]:
+    """Issue 19's three goals, each met or not, from the rows."""
+    tau, out = data.get("chosen_tau"), ["## Goals", ""]
+
+    def at_tau(task):
+        rows = [r for r in data["rows"] if r["task"] == task]
+        full = next((r for r in rows if r["kind"] == "full"), None)
+        pick = full if tau == 1.0 else next((r for r in rows if r["kind"] == "router" and r.get("tau") == tau), None)
+        return rows, full, pick
+
+    rows, full, pick = at_tau("gen")
+    if pick is not None:
+        drop, saved = 100 * (full["accuracy"] - pick["accuracy"]), full["mean_blocks"] - pick["mean_blocks"]
+        met = drop <= 2 and saved >= 1
+        out.append(f"- gen, chosen tau: within 2 points of the full model ({drop:+.1f} below) while saving at least "
+                   f"1 block ({saved:.2f} saved): **{'met' if met else 'not met'}**.")
+        misses = []
+        for r in (r for r in rows if r["kind"] == "router"):
+            best = max((q for q in rows if q["kind"] in ("static", "full") and q["mean_blocks"] <= r["mean_blocks"]
+                        + 1e-9), key=lambda q: q["accuracy"], default=None)
+            if best is not None and r["accuracy"] < best["accuracy"]:
+                misses.append(f"tau {r['tau']:g} {100 * r['accuracy']:.1f}% at {r['mean_blocks']:.2f} < "
+                              f"{best['method']} {100 * best['accuracy']:.1f}%")
+        out.append(f"- gen, along the curve: routers at or above the best static route at no more mean blocks: "
+                   f"**{'met' if not misses else 'not met'}**" + (f" ({'; '.join(misses)})" if misses else "") + ".")
+    for task in sorted({r["task"] for r in data["rows"]} - {"gen"}):
+        _, full, pick = at_tau(task)
+        if pick is not None:
+            drop = 100 * (full["accuracy"] - pick["accuracy"])
+            out.append(f"- {task} (unseen), chosen tau: at most 2 points below the full model ({drop:+.1f}): "
+                       f"**{'met' if drop <= 2 else 'not met'}**" + (" (trivially: the routers run the full model)"
+                                                                   if tau == 1.0 else "") + ".")
+    signal = RESULTS / "signal-gen" / "signal.json"
+    if signal.is_file():
+        out += ["", f"Why, in `layerroute signal`'s words on gen (`{signal.relative_to(RESULTS)}`): "
+                    f"{json.loads(signal.read_text())['verdict']}"]
+    return out + [""]
 
 
 def verdict(rows: list[dict], tau: float | None) -> str:
