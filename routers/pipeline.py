@@ -79,7 +79,7 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
     from layerroute.tasks.prompts import render_prompt
 
     from .routed_model import RoutedModel, RouterPolicy, save_routers
-    from .tau import calibrate_tau
+    from .tau import calibrate_tau, describe as describe_tau
     from .training import load_labels, train_routers
 
     t_start = time.perf_counter()
@@ -115,9 +115,7 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
                                 refine_epochs=cfg.refine_epochs, base_model=cfg.model)
     cal = calibrate_tau(net, ex, tok, task, cfg.seed, limit=cfg.tau_limit, epsilon=cfg.epsilon,
                         batch_size=cfg.batch_size)
-    print(f"tau {cal['tau']}: the most compute saved on {cal['chosen']['n']} validation samples within "
-          f"{100 * cfg.epsilon:g} points of the full model ({100 * cal['chosen']['accuracy']:.1f}% at "
-          f"{cal['chosen']['mean_blocks']:.2f} blocks; full model {100 * cal['sweep'][0]['accuracy']:.1f}%)")
+    print(describe_tau(cal))
     save_routers(out / "routers", net)
     refine = report.get("refinement", {})
     print(f"routers: {report['parameters']:,} parameters ({100 * report['share_of_base']:.2f}% of the base); "

@@ -105,3 +105,14 @@ def calibrate_tau(net, executor, tokenizer, task, seed: int = 0, *, limit: int |
            "sweep": rows}
     net.config.training = {**net.config.training, "tau": out}
     return out
+
+
+def describe(cal: dict) -> str:
+    """One line on a ``calibrate_tau`` result, for the commands that choose tau."""
+    full, chosen = next(r for r in cal["sweep"] if r["tau"] == 1.0), cal["chosen"]
+    rule = ("the upper end of the paired 95% CI of the accuracy loss" if cal.get("rule", "bound") == "bound"
+            else "the accuracy loss as measured")
+    return (f"tau {cal['tau']:g}: chosen on {chosen['n']} validation samples as the most compute saved while {rule} "
+            f"stays within {100 * cal['epsilon']:g} point(s) of the full model ({100 * chosen['accuracy']:.1f}% at "
+            f"{chosen['mean_blocks']:.2f} blocks; full model {100 * full['accuracy']:.1f}% at "
+            f"{full['mean_blocks']:.0f})")

@@ -433,14 +433,10 @@ def _set_tau(net, config: TrainRouterConfig, executor, tok, labels) -> None:
         net.config.tau = config.tau
         print(f"tau {config.tau} (given with --tau)")
         return
-    from .tau import calibrate_tau
+    from .tau import calibrate_tau, describe
 
     cal = calibrate_tau(net, executor, tok, labels.task(), labels.seed, limit=config.tau_limit, epsilon=config.epsilon)
-    full, chosen = cal["sweep"][0], cal["chosen"]
-    print(f"tau {cal['tau']}: chosen on {chosen['n']} validation samples as the most compute saved within "
-          f"{100 * config.epsilon:g} points of the full model ({100 * chosen['accuracy']:.1f}% at "
-          f"{chosen['mean_blocks']:.2f} blocks; full model {100 * full['accuracy']:.1f}% at "
-          f"{full['mean_blocks']:.0f})")
+    print(describe(cal))
 
 
 def training_summary(report: dict, task_spec: str, out: Path) -> str:
