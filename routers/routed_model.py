@@ -17,7 +17,6 @@ block); the routing walk fills that cache, so the prompt runs only once. ``with 
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,17 +86,9 @@ class RouterPolicy(RoutingPolicy):
         return cls(load_routers(directory, executor.model))
 
     def save_weights(self, directory: Path) -> None:
-        from safetensors.torch import save_file
+        from layerroute.store import atomic_save_safetensors, atomic_write
 
-        from layerroute.store import atomic_write
-
-        tmp = directory / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(tmp),
-                      metadata={"format": "layerroute.routers"})
-            os.replace(tmp, directory / WEIGHTS_NAME)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_save_safetensors(directory / WEIGHTS_NAME, self.net.state_dict(), {"format": "layerroute.routers"})
         atomic_write(directory / CONFIG_NAME, self.net.config.to_json())
 
 
