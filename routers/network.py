@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerroute.budget import Budget
+from layerroute.config import option
 from layerroute.errors import LayerRouteError
 from layerroute.executor import RouteExecutor, RouteKVCache, RoutedOutput
 from layerroute.route import ACTIONS, Route
@@ -55,31 +57,71 @@ class RouterError(LayerRouteError, ValueError):
     """A router directory or config that is missing, corrupt, or made for another base model."""
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def check_config_header(data, source: str, type_: str, version: int, what: str) -> None:
+    """Refuse a saved config that is not a JSON object of ``type_`` at a version this layerroute reads."""
+    if not isinstance(data, dict):
+        raise RouterError(f"{source} is not a JSON object")
+    if data.get("type") != type_:
+        raise RouterError(f"{source} is not a layerroute {what} config (type {data.get('type')!r}, expected {type_!r})")
+    if not isinstance(data.get("version"), int) or data["version"] > version:
+        raise RouterError(f"{source} has version {data.get('version')!r}; this layerroute reads {what} configs up to "
+                          f"version {version}")
+
+
+def config_from_dict(cls, data: dict, source: str):
+    """``cls(**data)`` of a checked config: unknown keys are warned about and dropped (newer files still load)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown keys {', '.join(unknown)} (written by a newer layerroute?)",
+                      stacklevel=3)
+    try:
+        return cls(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise RouterError(f"{source} is malformed: {exc}") from None
+
+
+class RoutedBase(nn.Module):
+    """What every routed wrapper of a frozen base model shares: the base's ``config``, and
+    ``disable_routing()`` to run the plain base model inside a ``with`` block."""
+
+    _routing = True
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @contextmanager
+    def disable_routing(self):
+        """Run the plain base model inside the block (``forward`` and ``generate`` call it directly)."""
+        old, self._routing = self._routing, False
+        try:
+            yield self
+        finally:
+            self._routing = old
 
 
 @dataclass
 class RouterConfig:
     """Everything needed to rebuild the routers and to know which base model they belong to."""
 
-    num_layers: int = _f(0, "decoder blocks of the base model: one router per block")
-    hidden_size: int = _f(0, "hidden size of the base model (the routers' input width)")
-    bottleneck: int = _f(128, "width of each router's hidden layer")
-    windows: int = _f(8, "the prompt is cut into min(windows, T) windows; logits are averaged over them")
-    dropout: float = _f(0.0, "dropout after the GELU while training")
-    input_norm: bool = _f(True, "RMS-normalise each window mean before the router (parameter-free); deep "
+    num_layers: int = option(0, "decoder blocks of the base model: one router per block")
+    hidden_size: int = option(0, "hidden size of the base model (the routers' input width)")
+    bottleneck: int = option(128, "width of each router's hidden layer")
+    windows: int = option(8, "the prompt is cut into min(windows, T) windows; logits are averaged over them")
+    dropout: float = option(0.0, "dropout after the GELU while training")
+    input_norm: bool = option(True, "RMS-normalise each window mean before the router (parameter-free); deep "
                                 "residual streams grow large, which slows training without it")
-    budget: str | None = _f(None, "default compute budget at inference: a share (0.8) or a block count (24)")
-    tau: float | None = _f(None, "skip or repeat a block only where the router's probability for it exceeds tau, "
+    budget: str | None = option(None, "default compute budget at inference: a share (0.8) or a block count (24)")
+    tau: float | None = option(None, "skip or repeat a block only where the router's probability for it exceeds tau, "
                                  "else execute (chosen on validation; None: the most likely action)")
-    base_model: str = _f("", "name or path of the base model the routers were trained on (informational)")
-    model: dict = _f(None, "fingerprint of the base model (architecture, layers, hidden size)")
-    weights_digest: str = _f("", "layerroute.models.weights_digest of the base checkpoint; another "
+    base_model: str = option("", "name or path of the base model the routers were trained on (informational)")
+    model: dict = option(None, "fingerprint of the base model (architecture, layers, hidden size)")
+    weights_digest: str = option("", "layerroute.models.weights_digest of the base checkpoint; another "
                                  "checkpoint of the same shape is refused")
-    training: dict = _f(None, "how the routers were trained (labels, epochs, metrics); informational")
-    type: str = _f(CONFIG_TYPE, "type key: what kind of saved object this is")
-    version: int = _f(CONFIG_VERSION, "format version of this config")
+    training: dict = option(None, "how the routers were trained (labels, epochs, metrics); informational")
+    type: str = option(CONFIG_TYPE, "type key: what kind of saved object this is")
+    version: int = option(CONFIG_VERSION, "format version of this config")
 
     def __post_init__(self):
         self.model = dict(self.model or {})
@@ -100,27 +142,12 @@ class RouterConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = "router config") -> RouterConfig:
         """Rebuild a config; unknown keys are warned about and dropped (newer files still load)."""
-        if not isinstance(data, dict):
-            raise RouterError(f"{source} is not a JSON object")
-        if data.get("type") != CONFIG_TYPE:
-            raise RouterError(f"{source} is not a layerroute router config (type {data.get('type')!r}, "
-                              f"expected {CONFIG_TYPE!r})")
-        if not isinstance(data.get("version"), int) or data["version"] > CONFIG_VERSION:
-            raise RouterError(f"{source} has version {data.get('version')!r}; this layerroute reads router "
-                              f"configs up to version {CONFIG_VERSION}")
+        check_config_header(data, source, CONFIG_TYPE, CONFIG_VERSION, "router")
         if "tau" not in data:
             warnings.warn(f"{source} was saved before routers had a confidence threshold (tau): it keeps its old rule, "
                           f"the most likely action per block; pass --tau (e.g. 0.9) to fall back to executing a "
                           f"block when the router is unsure", stacklevel=2)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(f"{source}: ignoring unknown keys {', '.join(unknown)} (written by a newer layerroute?)",
-                          stacklevel=2)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise RouterError(f"{source} is malformed: {exc}") from None
+        return config_from_dict(cls, data, source)
 
     @classmethod
     def load(cls, directory: str | Path) -> RouterConfig:

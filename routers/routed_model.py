@@ -17,7 +17,6 @@ block); the routing walk fills that cache, so the prompt runs only once. ``with 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from layerroute.route import Route
 from layerroute.store import check_tensors, check_weights_digest, describe_file, read_safetensors
 from layerroute.policies.base import RoutingPolicy, register_policy
 
-from .network import CONFIG_NAME, WEIGHTS_NAME, RouterConfig, RouterError, RouterNetwork, check_tau, route_prompts
+from .network import (CONFIG_NAME, WEIGHTS_NAME, RoutedBase, RouterConfig, RouterError, RouterNetwork, check_tau,
+                      route_prompts)
 
 
 def save_routers(directory: str | Path, net: RouterNetwork) -> Path:
@@ -108,7 +108,7 @@ class RoutedCausalLMOutput:
 _GENERATE_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
 
 
-class RoutedModel(nn.Module):
+class RoutedModel(RoutedBase):
     """A frozen causal LM whose routers pick each sample's route at prefill; see the module docstring."""
 
     def __init__(self, base: nn.Module, routers: RouterNetwork, tokenizer=None, budget=None, tau: float | None = None):
@@ -138,21 +138,8 @@ class RoutedModel(nn.Module):
         return cls(base_model_or_path, load_routers(router_dir, base_model_or_path), tokenizer, budget, tau)
 
     @property
-    def config(self):
-        return self.base.config
-
-    @property
     def device(self) -> torch.device:
         return self.executor.device
-
-    @contextmanager
-    def disable_routing(self):
-        """Run the plain base model inside the block (``forward`` and ``generate`` call it directly)."""
-        old, self._routing = self._routing, False
-        try:
-            yield self
-        finally:
-            self._routing = old
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[Route]:
         """The route the routers pick for each prompt of a (left-padded) batch."""

@@ -32,22 +32,21 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerroute.config import option
 from layerroute.errors import FingerprintMismatchError, InputError
 from layerroute.executor import RouteExecutor
 from layerroute.sparse import ABSENT, KV_KEPT
 from layerroute.store import (atomic_save_safetensors, atomic_write, atomic_write_json, check_tensors,
                               check_weights_digest, describe_file, read_json, read_safetensors)
 
-from .network import RouterError
+from .network import RoutedBase, RouterError, check_config_header, config_from_dict
 
 CONFIG_NAME = "token_router_config.json"
 WEIGHTS_NAME = "token_routers.safetensors"
@@ -59,26 +58,25 @@ RULES = (KV_KEPT, ABSENT)
 GATES = ("straight-through", "gumbel")
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TokenRouterConfig:
     """Everything needed to rebuild the token routers and to know which base model they belong to."""
 
-    num_layers: int = _f(0, "decoder blocks of the base model: one router per block")
-    hidden_size: int = _f(0, "hidden size of the base model (the routers' input width)")
-    bottleneck: int = _f(64, "width of each router's hidden layer")
-    init_logit: float = _f(0.0, "initial bias of each router's output (0: probability 0.5 everywhere)")
-    threshold: float = _f(0.5, "a token executes a block when the router's probability is at least this (0: always)")
-    rule: str = _f(KV_KEPT, "what a skipped token is at the block: kv-kept (its K/V are still computed) or absent")
-    base_model: str = _f("", "name or path of the base model the routers were trained on (informational)")
-    model: dict = _f(None, "fingerprint of the base model (architecture, layers, hidden size)")
-    weights_digest: str = _f("", "layerroute.models.weights_digest of the base checkpoint")
-    training: dict = _f(None, "how the routers were trained (data, lambda, steps, held-out KL); informational")
-    type: str = _f(CONFIG_TYPE, "type key: what kind of saved object this is")
-    version: int = _f(CONFIG_VERSION, "format version of this config")
+    num_layers: int = option(0, "decoder blocks of the base model: one router per block")
+    hidden_size: int = option(0, "hidden size of the base model (the routers' input width)")
+    bottleneck: int = option(64, "width of each router's hidden layer")
+    init_logit: float = option(0.0, "initial bias of each router's output (0: probability 0.5 everywhere)")
+    threshold: float = option(0.5, "a token executes a block when the router's probability is at least this "
+                                   "(0: always)")
+    rule: str = option(KV_KEPT, "what a skipped token is at the block: kv-kept (its K/V are still computed) or absent")
+    base_model: str = option("", "name or path of the base model the routers were trained on (informational)")
+    model: dict = option(None, "fingerprint of the base model (architecture, layers, hidden size)")
+    weights_digest: str = option("", "layerroute.models.weights_digest of the base checkpoint")
+    training: dict = option(None, "how the routers were trained (data, lambda, steps, held-out KL); informational")
+    type: str = option(CONFIG_TYPE, "type key: what kind of saved object this is")
+    version: int = option(CONFIG_VERSION, "format version of this config")
 
     def __post_init__(self):
         self.model = dict(self.model or {})
@@ -99,23 +97,8 @@ class TokenRouterConfig:
     @classmethod
     def from_dict(cls, data, source: str = "token router config") -> TokenRouterConfig:
         """Rebuild a config; unknown keys are warned about and dropped (newer files still load)."""
-        if not isinstance(data, dict):
-            raise RouterError(f"{source} is not a JSON object")
-        if data.get("type") != CONFIG_TYPE:
-            raise RouterError(f"{source} is not a layerroute token-router config (type {data.get('type')!r}, "
-                              f"expected {CONFIG_TYPE!r})")
-        if not isinstance(data.get("version"), int) or data["version"] > CONFIG_VERSION:
-            raise RouterError(f"{source} has version {data.get('version')!r}; this layerroute reads token-router "
-                              f"configs up to version {CONFIG_VERSION}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(f"{source}: ignoring unknown keys {', '.join(unknown)} (written by a newer layerroute?)",
-                          stacklevel=2)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise RouterError(f"{source} is malformed: {exc}") from None
+        check_config_header(data, source, CONFIG_TYPE, CONFIG_VERSION, "token-router")
+        return config_from_dict(cls, data, source)
 
     @classmethod
     def load(cls, directory: str | Path) -> TokenRouterConfig:
@@ -253,7 +236,7 @@ class TokenRoutedOutput:
         return getattr(self, key)
 
 
-class TokenRoutedModel(nn.Module):
+class TokenRoutedModel(RoutedBase):
     """A frozen causal LM whose token routers decide, per token and block, at prefill and at every
     decoded token; blocks run token-sparse under ``rule`` (see the module docstring)."""
 
@@ -281,18 +264,6 @@ class TokenRoutedModel(nn.Module):
         return cls(base_model_or_path, load_token_routers(router_dir, base_model_or_path), tokenizer, rule=rule,
                    threshold=threshold)
 
-    @property
-    def config(self):
-        return self.base.config
-
-    @contextmanager
-    def disable_routing(self):
-        """Run the plain base model inside the block."""
-        old, self._routing = self._routing, False
-        try:
-            yield self
-        finally:
-            self._routing = old
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 logits_to_keep: int = 0) -> TokenRoutedOutput:
@@ -328,25 +299,25 @@ class TokenRoutedModel(nn.Module):
 class TrainTokenRouterConfig:
     """``layerroute train-token-router``: one flag per field."""
 
-    output: str = _f("runs/token_router", "directory for the token routers, their config and the training state")
-    base_model: str = _f("", "the base model's name (recorded in the config)")
-    tasks: str = _f("gen,suite,gsm8k,mmlu", "tasks whose texts (questions and answers) form the corpus")
-    steps: int = _f(200, "optimiser steps")
-    batch_size: int = _f(8, "windows per step")
-    max_length: int = _f(128, "tokens per window")
-    lr: float = _f(3e-3, "AdamW learning rate")
-    lam: float = _f(0.1, "weight of the executed share in the loss (>= 0; larger skips more)")
-    gate: str = _f("straight-through", "straight-through (hard gates, sigmoid gradient) or gumbel (noisy)")
-    temperature: float = _f(1.0, "Gumbel-sigmoid temperature")
-    bottleneck: int = _f(64, "width of each router's hidden layer")
-    init_logit: float = _f(0.0, "initial router bias (0: probability 0.5)")
-    threshold: float = _f(0.5, "inference threshold saved in the config")
-    rule: str = _f(KV_KEPT, "inference rule saved in the config: kv-kept or absent")
-    val_windows: int = _f(16, "held-out windows for the KL at start, every --eval-every steps, and end")
-    eval_every: int = _f(50, "steps between held-out evaluations and checkpoints")
-    seed: int = _f(0, "seed of the data order, the initialisation and the Gumbel noise")
-    overwrite: bool = _f(False, "start again even if --output holds a run")
-    progress: bool = _f(True, "show a progress bar")
+    output: str = option("runs/token_router", "directory for the token routers, their config and the training state")
+    base_model: str = option("", "the base model's name (recorded in the config)")
+    tasks: str = option("gen,suite,gsm8k,mmlu", "tasks whose texts (questions and answers) form the corpus")
+    steps: int = option(200, "optimiser steps")
+    batch_size: int = option(8, "windows per step")
+    max_length: int = option(128, "tokens per window")
+    lr: float = option(3e-3, "AdamW learning rate")
+    lam: float = option(0.1, "weight of the executed share in the loss (>= 0; larger skips more)")
+    gate: str = option("straight-through", "straight-through (hard gates, sigmoid gradient) or gumbel (noisy)")
+    temperature: float = option(1.0, "Gumbel-sigmoid temperature")
+    bottleneck: int = option(64, "width of each router's hidden layer")
+    init_logit: float = option(0.0, "initial router bias (0: probability 0.5)")
+    threshold: float = option(0.5, "inference threshold saved in the config")
+    rule: str = option(KV_KEPT, "inference rule saved in the config: kv-kept or absent")
+    val_windows: int = option(16, "held-out windows for the KL at start, every --eval-every steps, and end")
+    eval_every: int = option(50, "steps between held-out evaluations and checkpoints")
+    seed: int = option(0, "seed of the data order, the initialisation and the Gumbel noise")
+    overwrite: bool = option(False, "start again even if --output holds a run")
+    progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not self.lam >= 0 \
