@@ -192,6 +192,8 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from layerroute.tables import error_bars
+
     tasks = list(dict.fromkeys(r["task"] for r in data["rows"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     style = {"full": ("k", "*"), "static": ("tab:blue", "s"), "router": ("tab:red", "o"), "ppo": ("tab:green", "^"),
@@ -204,8 +206,7 @@ def plot(data: dict, path: Path) -> None:
                 continue
             x = [r["mean_blocks"] for r in pts]
             y = [100 * r["accuracy"] for r in pts]
-            err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["accuracy"])
-                                                                        for r in pts]]
+            err = error_bars([r["accuracy"] for r in pts], [r["ci95"] for r in pts])
             hollow = kind in ("oracle", "null")  # upper bounds and chance: not results
             names = {"oracle": "MCTS ORACLE (upper bound)", "null": "MCTS null (chance)"}
             ax.errorbar(x, y, yerr=err, color=color, marker=marker, ls="-" if kind == "router" else "none",

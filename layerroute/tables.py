@@ -39,6 +39,13 @@ def share(k: int, n: int, with_n: bool = True) -> str:
     return f"{text}, n={n}" if with_n else text
 
 
+def error_bars(values, cis) -> list[list[float]]:
+    """Matplotlib ``yerr`` in percent for shares ``values`` with 95% CIs ``cis``: the distances below and
+    above, never negative (a Wilson bound can round a hair inside a share of 0 or 1)."""
+    return [[max(0.0, 100 * (v - c[0])) for v, c in zip(values, cis)],
+            [max(0.0, 100 * (c[1] - v)) for v, c in zip(values, cis)]]
+
+
 def row(*cells) -> str:
     """One markdown table row."""
     return "| " + " | ".join(str(c) for c in cells) + " |"

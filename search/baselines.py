@@ -318,6 +318,8 @@ def plot_curves(rows: list[dict], path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from layerroute.tables import error_bars
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     full = next(r for r in rows if r["baseline"] == "full")
     for name in dict.fromkeys(r["baseline"] for r in rows if r["baseline"] != "full"):
@@ -326,7 +328,7 @@ def plot_curves(rows: list[dict], path, title: str) -> None:
             continue
         x = [r["blocks"] for r in pts]
         y = [100 * r["accuracy"] for r in pts]
-        err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["accuracy"]) for r in pts]]
+        err = error_bars([r["accuracy"] for r in pts], [r["ci95"] for r in pts])
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, alpha=0.85)
     ax.set_xlabel("executed blocks per sample")
     ax.set_ylabel("test accuracy (%)")

@@ -35,7 +35,7 @@ from layerroute.errors import LayerRouteError
 from layerroute.evaluation import newcombe_interval, wilson_interval
 from layerroute.objective import Objective, PrefixState, null_option
 from layerroute.store import atomic_write, atomic_write_json
-from layerroute.tables import acc_ci
+from layerroute.tables import acc_ci, error_bars
 
 MIN_SAMPLES = 20
 
@@ -239,8 +239,7 @@ def plot(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for i, (name, v) in enumerate(bars):
         ax.bar(i, 100 * v["share"], color="C1" if "null" in name else "C0")
-        ax.errorbar(i, 100 * v["share"], yerr=[[100 * (v["share"] - v["ci95"][0])], [100 * (v["ci95"][1] - v["share"])]],
-                    color="k", capsize=4)
+        ax.errorbar(i, 100 * v["share"], yerr=error_bars([v["share"]], [v["ci95"]]), color="k", capsize=4)
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     ax.set_ylabel("% of samples (95% CI)")
     auc = r["probe"].get("auc")

@@ -252,3 +252,17 @@ def test_calibration_uses_only_the_search_split_and_refuses_none(tiny, tok):
     assert [e.uid for e in obj.examples] == [e.uid for e in task.split("search").examples]
     with pytest.raises(LayerRouteError, match="no examples"), pytest.warns(UserWarning, match="--calib-limit 32"):
         Objective.from_task(tiny, tok, Task("empty", "choice", []), limit=32, option="--calib-limit")
+
+
+def test_error_bars_never_negative_and_a_perfect_score_plots(tmp_path):
+    """A Wilson bound can round a hair inside a share of 1: the plot must still draw (README's baselines line)."""
+    from layerroute.search.baselines import plot_curves
+    from layerroute.tables import error_bars
+
+    hi = 1.0 - 1e-12
+    assert error_bars([1.0, 0.5], [(0.9, hi), (0.4, 0.6)]) == [[pytest.approx(10.0), pytest.approx(10.0)],
+                                                              [0.0, pytest.approx(10.0)]]
+    rows = [{"baseline": "full", "blocks": 4, "accuracy": 1.0, "ci95": (0.5, hi)},
+            {"baseline": "drop_last", "blocks": 3, "accuracy": 1.0, "ci95": (0.5, hi)}]
+    plot_curves(rows, tmp_path / "curves.png", "perfect")
+    assert (tmp_path / "curves.png").stat().st_size > 0
