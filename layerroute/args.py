@@ -190,19 +190,19 @@ def _core_check(fn):
 
 
 def _device(value):
-    from .models import check_device
+    from .model_files import check_device
 
     check_device(value)
 
 
 def _dtype(value):
-    from .models import _resolve_dtype
+    from .model_files import check_dtype
 
-    _resolve_dtype(value, "cpu")
+    check_dtype(value)
 
 
 def _model(value):
-    from .models import check_model_name
+    from .model_files import check_model_name
 
     check_model_name(value)
 
@@ -238,7 +238,7 @@ CHECKS = {
     "null_store": existing_path, "null_labels": _each(existing_path),
 }
 _FLAGS = {"lam": "--lambda"}
-_SLOW = (device, dtype, model_name, route_arg)  # these import torch: run after every quick check
+_SLOW = (device, dtype, model_name, route_arg)  # these read files or import torch: run after every quick check
 
 
 def validate(args, extra: dict | None = None) -> None:

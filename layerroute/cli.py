@@ -42,35 +42,15 @@ class Command:
 
 def cmd_info(args) -> int:
     """The model's block stack, the exactness self-check and whether it can be routed (exit 1 if not)."""
-    from .errors import UnsupportedModelError
-    from .executor import RouteExecutor, self_check
+    from .info import run_info
 
-    model, _ = load(args, check_supported=False)
-    print(f"model:      {args.model} ({type(model).__name__})")
-    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
-    try:
-        ex = RouteExecutor(model, verify=False)  # the structure check; the self-check is reported below
-    except UnsupportedModelError as exc:
-        print("supported:  no")
-        print(f"reason:     {exc}")
-        return 1
-    stack, fp = ex.stack, ex.fingerprint
-    windows = sorted({w for w in stack.windows if w is not None})
-    scales = [f"{what} {value:g}" for what, value in (("embeddings x", stack.embed_multiplier),
-              ("logits x", stack.logit_multiplier), ("logits /", stack.logit_divisor)) if value is not None]
-    print(f"layers:     {fp.num_layers} decoder blocks of {fp.block_params:,} parameters")
-    print(f"hidden:     {fp.hidden_size}")
-    print(f"attention:  {stack.attn_implementation}" + (f", sliding windows {windows}" if windows else ""))
-    if scales:
-        print(f"scaling:    {', '.join(scales)} (outside the blocks; reproduced by the executor)")
-    check = self_check(ex)
-    print(f"self-check: {check.describe()}")
-    print(f"supported:  {'yes' if check.passed else 'no'}")
-    return 0 if check.passed else 1
+    return run_info(args)
 
 
 def build_info(p) -> None:
     add_model_args(p)
+    p.add_argument("--recheck", action="store_true",
+                   help="load the model and run the self-check again, even if this checkpoint's report is remembered")
 
 
 def policy_type(path) -> str:

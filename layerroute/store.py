@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 
 from .errors import LayerRouteError
-from .stack import weights_digest
 
 FORMAT = "layerroute.results"
 VERSION = 1
@@ -123,6 +122,8 @@ def check_weights_digest(model, digest, where, error: type[Exception], what: str
     if not isinstance(digest, str) or not digest:
         raise error(f"{where}: this {what} records no weights digest (it was saved before layerroute required "
                     f"one), so the checkpoint it was made on is unknown; {redo}")
+    from .stack import weights_digest  # (torch: imported only where a model is at hand)
+
     mine = weights_digest(model)
     if mine != digest:
         raise error(f"{where}: this {what} was made on another checkpoint of the same shape (weights digest "
@@ -140,6 +141,8 @@ def check_store_weights(path, model) -> None:
 def model_header(executor) -> dict:
     """What a store's header records of the model: its shape (fingerprint) and its weights digest,
     so results and labels are never mixed across checkpoints of the same shape."""
+    from .stack import weights_digest
+
     return {"model": executor.fingerprint.to_dict(), "weights_digest": weights_digest(executor.model)}
 
 

@@ -104,3 +104,34 @@ def test_info_reports_an_unsupported_model(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "supported:  no" in out and "GPT2LMHeadModel is not supported" in out
+
+
+def test_info_remembers_its_report_per_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A second `info` prints the remembered report without loading; --recheck, other weights, another
+    dtype or a damaged memo load and check again."""
+    import os
+
+    import layerroute.info as info
+
+    monkeypatch.setenv("LAYERROUTE_CACHE", str(tmp_path / "cache"))
+    loads = []
+    real = info.model_report
+    monkeypatch.setattr(info, "model_report", lambda args: loads.append(args.dtype) or real(args))
+
+    def info_out(*extra):
+        assert main(["info", "--model", str(tiny_dir), *extra]) == 0
+        return capsys.readouterr().out
+
+    first = info_out()
+    assert "supported:  yes" in first and "remembered:" not in first and len(loads) == 1
+    second = info_out()
+    assert second.startswith(first) and "remembered: checked" in second and len(loads) == 1
+    assert "remembered:" not in info_out("--recheck") and len(loads) == 2
+    assert "remembered:" not in info_out("--dtype", "bfloat16") and len(loads) == 3
+    config = tiny_dir / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000))
+    assert "remembered:" not in info_out() and len(loads) == 4
+    for memo in (tmp_path / "cache" / "info").iterdir():
+        memo.write_text("{not json")
+    assert "remembered:" not in info_out() and len(loads) == 5
+    assert "remembered:" in info_out() and len(loads) == 5
