@@ -28,7 +28,7 @@ readme: setup
 	$(PY) -m pytest -s tests/test_readme.py
 
 bench: setup
-	$(PY) -m layerroute.experiments.bench_executor
+	$(PY) -m layerroute.experiments.bench_executor --out experiments/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,25 +4,24 @@
 
 Both sides share one objective and projection and take the same random actions; the single
 envs step one after another (what SB3's DummyVecEnv does), the vectorized env advances all N
-episodes with one batched executor call per step. Writes ``experiments/results/bench_env.md``.
+episodes with one batched executor call per step. Writes ``OUT/bench_env.md`` (``--out``).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from layerroute import RouteExecutor, load_model
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs
 from layerroute.tables import write_report
 from layerroute.tests.conftest import tiny_model
 from layerroute.tasks import get_task
 
-RESULTS = Path(__file__).parent / "results"
 NOTE = ("**The 4x target is not met on this CPU.** Every step is compute-bound: on SmolLM2 one block over "
         "the sample's packed row (the prompt and its 4 options, about 77 tokens), and on the tiny model the end-of-episode scoring "
         "(LM head and log-softmax over the 49,152-token vocabulary, most of its time in a profile). Batching "
@@ -66,8 +65,7 @@ def bench(core, n: int, rounds: int, seed: int = 0) -> tuple[float, float]:
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     task: str = option("gen", "task spec")
     n: int = option(16, "episodes stepped together")
     rounds: int = option(40, "steps of all N episodes per measurement")
@@ -102,8 +100,8 @@ def main(argv=None) -> None:
         f"vec: one `LayerRoutingVecEnv(num_envs={args.n})`, one batched executor call per step. Target: vec >= 4x.",
         "", "| model | mode | rows x padded tokens per sample | single envs (steps/s) | vec env (steps/s) | speedup |",
         "|---|---|---|---|---|---|", *rows, "",
-        NOTE, "", "Reproduce: `OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_env`", ""])
-    write_report(RESULTS / "bench_env.md", text, {"args": asdict(args), "rows": rows})
+        NOTE, "", "Reproduce: `OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_env --out experiments/results`", ""])
+    write_report(args.path("bench_env.md"), text, {"args": asdict(args), "rows": rows})
     print(text)
 
 

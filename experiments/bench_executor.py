@@ -1,8 +1,9 @@
 """Executor benchmark: overhead of the identity route, and realized vs ideal prefill speedup.
 
-    python -m layerroute.experiments.bench_executor [--model smollm2-135m] [--repeats 15]
+    python -m layerroute.experiments.bench_executor [--model smollm2-135m] [--repeats 15] [--out experiments/results]
 
-Prints markdown tables and writes them to ``experiments/results/bench_executor.md``.
+Prints markdown tables and writes them to ``OUT/bench_executor.md`` (``--out``; the committed one:
+``--out experiments/results``).
 Timings interleave the compared calls and report medians, so drift hits both alike.
 """
 
@@ -11,12 +12,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from layerroute import RouteExecutor, load_model
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs
 from layerroute.tables import write_report
 
 
@@ -71,11 +72,9 @@ def speedup_table(ex: RouteExecutor, repeats: int, batch: int = 8, tokens: int =
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     repeats: int = option(15, "timing repeats")
     threads: int = option(2, "torch threads")
-    out: str = option(str(Path(__file__).parent / "results" / "bench_executor.md"), "where the report is written")
 
 
 def main(argv=None) -> None:
@@ -84,15 +83,14 @@ def main(argv=None) -> None:
     model, _ = load_model(args.model)
     ex = RouteExecutor(model)
     header = (f"# Executor benchmark\n\n`python -m layerroute.experiments.bench_executor --model {args.model} "
-              f"--repeats {args.repeats} --threads {args.threads}`; {torch.get_num_threads()} torch threads, "
-              f"{next(model.parameters()).dtype}, 128-token prompts, median of {args.repeats}.\n")
+              f"--repeats {args.repeats} --threads {args.threads} --out {args.out}`; {torch.get_num_threads()} torch "
+              f"threads, {next(model.parameters()).dtype}, 128-token prompts, median of {args.repeats}.\n")
     parts = [header, "## Identity route against the plain HF forward\n", *overhead_table(model, ex, args.repeats),
              "", "## Prefill speedup of a route that runs k of L blocks (batch 8; skipped blocks are the last L-k)\n",
              *speedup_table(ex, args.repeats)]
     text = "\n".join(parts) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_report(args.out, text, {"args": asdict(args)})
+    write_report(args.path("bench_executor.md"), text, {"args": asdict(args)})
 
 
 if __name__ == "__main__":

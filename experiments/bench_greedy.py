@@ -3,29 +3,26 @@
 *Without* (before): every candidate route of a round runs from the embeddings
 (``greedy_order(..., reuse_prefix=False)``). *With* (after, the default): the candidates of a
 round share the blocks kept before them, so each runs only the rest. Both score the same
-samples with the same ``Objective`` and must drop the same blocks. Writes
-``experiments/results/bench_greedy.md``::
+samples with the same ``Objective`` and must drop the same blocks. Writes ``OUT/bench_greedy.md``
+(``--out``); the committed one::
 
-    OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_greedy --task gen --limit 16 --rounds 1
+    OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_greedy --task gen --limit 16 --rounds 1 \
+        --out experiments/results
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import datetime, timezone
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs, experiment_command
 from layerroute.tables import write_report
 
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
 @dataclass
-class Args:
+class Args(ExperimentArgs):
     task: str = option("gen", "task spec")
     limit: int = option(16, "search-split samples")
     rounds: int = option(1, "removal rounds (blocks dropped)")
@@ -43,7 +40,7 @@ def main(argv=None) -> None:
 
     args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     ex = RouteExecutor(model)
     task = get_task(args.task)
     rows = {}
@@ -53,8 +50,7 @@ def main(argv=None) -> None:
         order = greedy_order(obj, ex.num_layers - args.rounds, reuse_prefix=reuse)
         rows[name] = (order, greedy_cost(obj), time.perf_counter() - start)
     (before, cb, tb), (after, ca, ta) = rows.values()
-    words = sys.argv[1:] if argv is None else argv
-    command = " ".join(["OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_greedy", *words])
+    command = experiment_command("bench_greedy", argv)
     lines = ["# Greedy removal with and without prefix reuse (SmolLM2-135M-Instruct, CPU)", "",
              f"Command: `{command}`", "",
              f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.threads} torch thread(s) on a 2-core "
@@ -70,7 +66,7 @@ def main(argv=None) -> None:
                   f"are the same either way."]
     text = "\n".join(lines) + "\n"
     print(text)
-    write_report(RESULTS / "bench_greedy.md", text, {"args": asdict(args), "rows": [
+    write_report(args.path("bench_greedy.md"), text, {"args": asdict(args), "rows": [
         {"scoring": name, "order": order, "cost": c, "seconds": t} for name, (order, c, t) in rows.items()]}, command)
 
 

@@ -9,7 +9,7 @@ default search) and without them (every simulation runs, so the cost of the edit
 shows). Dr.LLM's own evaluation of a path, measured on the same samples: the HF model's layer
 list swapped to the path, then ``generate`` for 10 new tokens at batch 1 (skip-only paths, for
 which HF's cache stays valid, so the comparison is fair). Prints a markdown table and writes
-``experiments/results/bench_mcts.md``. Targets (issue 18): at most 1/3 of naive's block
+``OUT/bench_mcts.md`` (``--out``; the committed one: ``--out experiments/results``). Targets (issue 18): at most 1/3 of naive's block
 executions, the same best route on at least 95% of samples, and a simulation at least 10x
 cheaper than Dr.LLM's evaluation of a path. MCTS reads labels: its routes are an ORACLE.
 """
@@ -19,15 +19,14 @@ from __future__ import annotations
 import datetime
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from layerroute import RouteExecutor, load_model
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs, experiment_command
 from layerroute.objective import Objective
 from layerroute.search.mcts import MCTS, MCTSConfig
 from layerroute.tables import write_report
@@ -71,8 +70,7 @@ def row(name, records, wall, cpu, n) -> tuple[str, int, int]:
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     task: str = option("gen", "task spec")
     samples: int = option(16, "search-split samples")
     simulations: int = option(64, "MCTS simulations per sample")
@@ -81,7 +79,6 @@ class Args:
     drllm_paths: int = option(2, "Dr.LLM-way paths timed per sample (0: none)")
     stops_only: bool = option(False, "skip the run with early stops off")
     seed: int = option(0, "seed of the splits and searches")
-    output: str = option(str(Path(__file__).parent / "results" / "bench_mcts.md"), "where the report is written")
 
 
 def main(argv=None) -> None:
@@ -89,8 +86,7 @@ def main(argv=None) -> None:
     model, tok = load_model(args.model)
     obj = Objective.from_task(RouteExecutor(model), tok, get_task(args.task), "search", args.samples, args.seed)
     n, threads = len(obj), torch.get_num_threads()
-    command = " ".join([f"OMP_NUM_THREADS={threads} python -m layerroute.experiments.bench_mcts",
-                        *(sys.argv[1:] if argv is None else argv)])
+    command = experiment_command("bench_mcts", argv, threads)
     rows = [f"# MCTS search cost ({args.model}, {args.task} search split, {args.space} space)", "",
             f"Command: `{command}` ({datetime.date.today()}; {n} samples, at most "
             f"{args.simulations} simulations each, torch threads {threads}, shared 2-core CPU). "
@@ -125,7 +121,7 @@ def main(argv=None) -> None:
                      f"(target >= 10x; CPU time is the fairer figure on a shared machine)")
     text = "\n".join(rows + [""] + notes) + "\n"
     print(text)
-    write_report(args.output, text, {"args": asdict(args), "table": rows[4:], "notes": notes}, command)
+    write_report(args.path("bench_mcts.md"), text, {"args": asdict(args), "table": rows[4:], "notes": notes}, command)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ load in each actor) is timed inside the job; the job must be long enough that it
 Reported: samples per minute over the whole job, start-up included, and after the first
 finished chunk (steady state); the speedup against ``1x1`` (target: 2x1 at least 1.8x); the
 machine's load average around each run; and whether every config found the same records
-(searchers are deterministic per sample). Writes ``experiments/results/bench_ray.md``.
+(searchers are deterministic per sample). Writes ``OUT/bench_ray.md`` (``--out``; the committed one:
+``--out experiments/results``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs
 from layerroute.search.distributed import RaySearch, SearchSpec
 from layerroute.tables import write_report
 
@@ -71,8 +72,7 @@ def table(rows: list[dict], samples: int) -> str:
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     task: str = option("gen", "task spec")
     searcher: str = option("mcts", "searcher", choices=["mcts", "random_search"])
     samples: int = option(48, "search-split samples (mcts: the units)")
@@ -80,7 +80,6 @@ class Args:
     trials: int = option(24, "random_search trials (its units)")
     chunk_size: int = option(4, "units per actor call (mcts: samples in lockstep)")
     configs: str = option("1x1,2x1,1x2", "comma-separated WORKERSxTHREADS")
-    output: str = option(str(Path(__file__).parent / "results" / "bench_ray.md"), "where the report is written")
 
 
 def main(argv=None) -> None:
@@ -103,11 +102,10 @@ def main(argv=None) -> None:
     text = (f"# Ray scaling: {args.searcher} on {args.model}, task {args.task} (search split), {unit}\n\n"
             f"```\npython -m layerroute.experiments.bench_ray --model {args.model} --task {args.task} "
             f"--searcher {args.searcher} --samples {args.samples} --simulations {args.simulations} "
-            f"--trials {args.trials} --chunk-size {args.chunk_size} --configs {args.configs}\n```\n\n"
+            f"--trials {args.trials} --chunk-size {args.chunk_size} --configs {args.configs} --out {args.out}\n```\n\n"
             + table(rows, len(keys)) + "\n\nChunk completion times (s after the run started):\n\n"
             + "".join(f"- {r['config']}: {', '.join(f'{t:.0f}' for t in r['chunk_times'])}\n" for r in rows))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.path("bench_ray.md")
     write_report(out, text, {"args": asdict(args)})
     print(f"wrote {out}")
 

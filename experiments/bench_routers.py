@@ -16,18 +16,19 @@ tokens (EOS ignored, so every run decodes the same count), interleaved, medians 
 
 Ideal speedups from the executed blocks: ``L / k`` (blocks only) and ``(L b + c) / (k b + c)``,
 where ``b`` is one block's and ``c`` the fixed per-token cost (embedding, norm, LM head), both
-fitted from one-token forwards of 1 and L blocks. Writes ``experiments/results/bench_routers.md``.
+fitted from one-token forwards of 1 and L blocks. Writes ``OUT/bench_routers.md`` (``--out``; the committed
+one: ``--out experiments/results``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from layerroute import load_model
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs
 from layerroute.experiments.bench_executor import _median_times
 from layerroute.routers import RoutedModel, load_routers
 from layerroute.scoring import encode_texts, left_pad, task_prompts
@@ -35,7 +36,6 @@ from layerroute.store import atomic_write
 from layerroute.tables import write_report
 from layerroute.tasks import get_task
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def block_costs(ex, batch: int, repeats: int) -> tuple[float, float]:
@@ -49,14 +49,12 @@ def block_costs(ex, batch: int, repeats: int) -> tuple[float, float]:
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     routers: str = option(None, "a trained router directory (required)", type=str)
     task: str = option(None, "prompts from this task's test split (default: the routers' task)", type=str)
     new_tokens: int = option(32, "new tokens generated")
     repeats: int = option(5, "timing repeats")
     threads: int = option(1, "torch threads")
-    out: str = option(str(RESULTS / "bench_routers.md"), "where the report is written")
 
 
 def main(argv=None) -> None:
@@ -93,12 +91,12 @@ def main(argv=None) -> None:
                      f"{t['walk']:.3f} | {realized:.2f}x | {ideal:.2f}x | {ideal_fixed:.2f}x | "
                      f"{realized / ideal_fixed:.2f} |")
         print(lines[-1], flush=True)
-        atomic_write(args.out, "\n".join(lines) + "\n")
+        atomic_write(args.path("bench_routers.md"), "\n".join(lines) + "\n")
     lines += ["", f"Fixed per-token cost c = {c / b:.1f} blocks (fitted at batch 8). The routing walk is the prefill: "
               "generate continues from the KV cache the walk filled, so 'routed' minus 'same routes' is the routers' "
               "own cost (window means and router MLPs at each block). 'Routing walk alone' is that prefill with "
               "the routers."]
-    write_report(args.out, "\n".join(lines) + "\n", {"args": asdict(args), "table": lines})
+    write_report(args.path("bench_routers.md"), "\n".join(lines) + "\n", {"args": asdict(args), "table": lines})
     print("\n".join(lines))
 
 

@@ -10,24 +10,22 @@ to score the same rows as before, *after* uses the task's log-likelihood view (o
 example: prompt + the gold continuation, reward = minus the gold NLL per token, the quantity the
 old greedy minimised), so both greedies drop the same block. The margin objective's trial (every
 option of a cloze question: 4 rows per example) is timed beside it. Prints a markdown table and
-writes ``experiments/results/bench_search.md``::
+writes ``OUT/bench_search.md`` (``--out``); the committed one::
 
-    OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_search --task suite --limit 8 --rounds 1
+    OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_search --task suite --limit 8 --rounds 1 \
+        --out experiments/results
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
 
 import torch
 
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs, experiment_command
 from layerroute.tables import write_report
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def old_loss(ex, tok, task, examples, route, batch_size: int) -> float:
@@ -71,19 +69,16 @@ def timed(fn):
 
 
 @dataclass
-class Args:
+class Args(ExperimentArgs):
     task: str = option("suite", "task spec")
     limit: int = option(8, "search-split examples")
     rounds: int = option(1, "greedy removal rounds (blocks dropped)")
     batch_size: int = option(8, "examples per call, before")
     batch_rows: int = option(64, "rows per call, after")
     threads: int = option(1, "torch threads")
-    model: str = option("smollm2-135m", "model name or path")
 
 
 def main(argv=None) -> None:
-    import sys
-
     from layerroute import RouteExecutor, load_model
     from layerroute.objective import Objective
     from layerroute.search.baselines import greedy_order
@@ -119,13 +114,12 @@ def main(argv=None) -> None:
              f"`gold_nll_per_token` per route, {args.batch_size} examples per call, re-tokenized per call; after: "
              f"the `Objective`, tokenized once ({t_prep:.2f} s), {args.batch_rows} rows per call. Wall times on a "
              f"shared 2-core machine (other jobs running), so ratios are rough.", "",
-             "Command: `OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_search "
-             + " ".join(sys.argv[1:] if argv is None else argv) + "`", "",
+             f"Command: `{experiment_command('bench_search', argv)}`", "",
              "| work | before (s) | after (s) | speedup | note |", "|---|---|---|---|---|"]
     lines += [f"| {w} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {n} |" for w, a, b, n in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    write_report(RESULTS / "bench_search.md", text, {"args": asdict(args), "rows": rows})
+    write_report(args.path("bench_search.md"), text, {"args": asdict(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ attention over the keys each executed query sees (all earlier tokens under kv-ke
 executed tokens under absent), and the LM head (one position per row per call). Norms,
 rotary and embeddings are not counted. Times are medians over ``--repeats`` interleaved
 repeats, wall clock and this process's CPU time (robust to a shared machine; on CUDA only
-wall time is meaningful). Results go to ``experiments/results/<name>.md`` and ``.json``,
+wall time is meaningful). Results go to ``OUT/<name>.md`` and ``.json`` (``--out``; the committed ones:
+``--out experiments/results``),
 rewritten after every measurement, with the command, date and machine load in the header.
 """
 
@@ -40,14 +41,13 @@ from pathlib import Path
 import torch
 
 from layerroute.config import option, parse_config
+from layerroute.experiments import SeededArgs
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_PREFILL = 0.8  # realised / ideal
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "the model")
+class Args(SeededArgs):
     device: str = option("cpu", "cpu or cuda")
     dtype: str = option("float32", "float32, bfloat16 or float16", choices=["float32", "bfloat16", "float16"])
     threads: int = option(2, "torch threads on the CPU")
@@ -60,8 +60,7 @@ class Args:
     decode_new: int = option(32, "timed cached decoding steps")
     repeats: int = option(5, "interleaved repeats; medians are reported")
     parts: str = option("prefill,decode", "what to run")
-    seed: int = option(0, "seed of the tokens and the masks")
-    name: str = option("bench_token_sparse", "writes experiments/results/<name>.md and .json")
+    name: str = option("bench_token_sparse", "writes OUT/<name>.md and .json")
 
 
 # ---- FLOPs ------------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ class Report:
         self.args, self.command, self.meta = args, command, meta
         self.parts: dict[str, dict] = {}
         self.earlier: dict[str, dict] = {}  # parts this run does not redo, kept from the last run of <name>
-        old = RESULTS / f"{args.name}.json"
+        old = args.path(f"{args.name}.json")
         if old.is_file():
             data = json.loads(old.read_text())
             for part, p in data.get("parts", {}).items():
@@ -300,10 +299,10 @@ class Report:
                              f"{r['speedup_wall'] / r['ideal']:.2f} | {r['speedup_cpu'] / r['ideal']:.2f} |")
             lines.append("")
             lines += self.verdict(part, p["rows"])
-        path = RESULTS / f"{a.name}.md"
+        path = a.path(f"{a.name}.md")
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic(path, "\n".join(lines) + "\n")
-        _atomic(RESULTS / f"{a.name}.json", json.dumps(dict(command=self.command, meta=self.meta, args=asdict(a),
+        _atomic(a.path(f"{a.name}.json"), json.dumps(dict(command=self.command, meta=self.meta, args=asdict(a),
                                                             parts=parts), indent=2, sort_keys=True) + "\n")
 
     def verdict(self, part, rows) -> list[str]:
@@ -358,7 +357,7 @@ def main(argv=None) -> None:
             prefill_part(ex, shape, args, device, report)
         if "decode" in args.parts:
             decode_part(ex, shape, args, device, report)
-    print((RESULTS / f"{args.name}.md").read_text())
+    print(args.path(f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

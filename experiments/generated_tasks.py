@@ -2,8 +2,8 @@
 
     python -m layerroute.experiments.generated_tasks [--model smollm2-135m] [--limit 400]
 
-Writes ``experiments/results/generated_tasks.md`` and ``generated_tasks.json``, rewritten after
-each sub-task so that a killed run keeps what it finished.
+Writes ``OUT/generated_tasks.md`` and ``generated_tasks.json`` (``--out``; the committed ones:
+``--out experiments/results``), rewritten after each sub-task so that a killed run keeps what it finished.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 
 from layerroute import RouteExecutor, load_model
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs
 from layerroute.evaluation import evaluate, wilson_interval
 from layerroute.store import environment
 from layerroute.tables import ci, pct, row, stamp, write_report
 from layerroute.tasks import get_task
 from layerroute.tasks.generated import DEFAULT_SIZE, GENERATORS, SUBTASKS
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def _row(name, available, test_n, n, right, chance) -> str:
@@ -27,22 +27,18 @@ def _row(name, available, test_n, n, right, chance) -> str:
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     seed: int = option(0, "seed of the splits and searches")
     size: int = option(DEFAULT_SIZE, "examples generated per sub-task")
     limit: int = option(400, "test examples scored per sub-task")
     batch_size: int = option(16, "examples per batch")
     subtasks: str = option(",".join(SUBTASKS), "comma-separated generated sub-tasks")
-    out: str = option(str(RESULTS), "where the report is written")
 
 
 def main(argv=None) -> None:
     args = parse_config(Args, argv, __doc__.splitlines()[0])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m layerroute.experiments.generated_tasks " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if k != "out")
+        f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items())
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
     head = [f"# Full-model accuracy of {args.model} on the generated sub-tasks (test split, seed {args.seed})",
@@ -65,7 +61,7 @@ def main(argv=None) -> None:
                               "test_split": len(test)}
         print(rows[-1], flush=True)
         pooled = [_row("all (pooled)", "", "", total_n, total_right, "25%")] if len(rows) > 1 else []
-        write_report(out / "generated_tasks.md", "\n".join(head + rows + pooled) + "\n",
+        write_report(args.path("generated_tasks.md"), "\n".join(head + rows + pooled) + "\n",
                      {"environment": environment(), "settings": {k: v for k, v in asdict(args).items() if k != "out"},
                       "subtasks": records}, cmd)
 

@@ -1,6 +1,7 @@
 """The headline: accuracy against mean executed blocks, with 95% CIs, for every method on one plot.
 
-    OMP_NUM_THREADS=1 python -m layerroute.experiments.headline [--test-limit 300] [--tasks gen,suite,mmlu]
+    OMP_NUM_THREADS=1 python -m layerroute.experiments.headline [--test-limit 300] [--tasks gen,suite,mmlu] \
+        [--out experiments/results]
 
 Routers are trained on ``gen`` only, from the robust labels of the edit-space MCTS store
 (``--labels``, filtered against its ``-null`` twin), and their tau is chosen on ``gen``'s
@@ -19,26 +20,25 @@ validation split (within ``--epsilon`` of the full model). Then, on the test spl
 
 Then routed generation speed at the chosen tau against the full route (median seconds per new
 token, batch 1). Rows are written to ``OUT/headline.md`` and ``.json`` as they finish and a rerun
-skips the finished ones; ``headline.png`` is drawn at the end.
+skips the finished ones; ``headline.png`` is drawn at the end. ``OUT`` is ``--out`` (``runs/experiments`` unless
+named; the committed files: ``--out experiments/results``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from layerroute.config import parse_config
+from layerroute.experiments import RESULTS, ExperimentArgs, experiment_command
 
 
 @dataclasses.dataclass
-class Config:
-    model: str = "smollm2-135m"
+class Config(ExperimentArgs):
     tasks: str = "gen,suite,mmlu"
     test_limit: int = 300
     unseen_limit: int = 200
@@ -53,7 +53,6 @@ class Config:
     new_tokens: int = 24
     batch_size: int = 16
     seed: int = 0
-    out: str = str(RESULTS)
     routers: str = "runs/headline-routers"
 
 
@@ -374,20 +373,15 @@ def static_routes(cfg: Config) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"(default: {f.default})")
-    cfg = Config(**vars(p.parse_args(argv)))
-    command = "OMP_NUM_THREADS=1 python -m layerroute.experiments.headline " + " ".join(sys.argv[1:] if argv is None
-                                                                                        else argv)
+    cfg = parse_config(Config, argv, __doc__.splitlines()[0])
+    command = experiment_command("headline", argv)
     import torch
 
     from layerroute import RouteExecutor, load_model
 
     torch.manual_seed(cfg.seed)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    rows = Rows(cfg, command.strip())
+    rows = Rows(cfg, command)
     model, tok = load_model(cfg.model)
     ex = RouteExecutor(model)
     net = routers_for(cfg, ex, tok, rows)

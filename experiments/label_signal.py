@@ -1,7 +1,7 @@
 """Issue 18's figures in one command: edit-space MCTS, gold against null, and the routing signal.
 
     OMP_NUM_THREADS=1 python -m layerroute.experiments.label_signal [--mcts-limit 200] [--simulations 64] \
-        [--signal-limit 200] [--signal-tasks gen,suite,mmlu] [--out experiments/results]
+        [--signal-limit 200] [--signal-tasks gen,suite,mmlu] --out experiments/results
 
 1. ``layerroute search mcts`` (edit space, Dr.LLM's search) on the first ``--mcts-limit`` samples
    of ``gen``'s search split, with gold labels and again with ``--null``, into resumable stores
@@ -27,8 +27,7 @@ from pathlib import Path
 
 from layerroute.cli import main as cli
 from layerroute.config import option, parse_config
-
-RESULTS = Path(__file__).parent / "results"
+from layerroute.experiments import ExperimentArgs
 
 
 def run(argv: list[str]) -> None:
@@ -42,14 +41,12 @@ def run(argv: list[str]) -> None:
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     mcts_limit: int = option(200, "search-split samples of the MCTS runs")
     simulations: int = option(64, "MCTS simulations per sample")
     signal_limit: int = option(200, "samples of each signal report")
     signal_tasks: str = option("gen,suite,mmlu", "comma-separated tasks of the signal reports")
     skip_mcts: bool = option(False, "only the signal reports")
-    out: str = option(str(RESULTS), "where the report is written")
 
 
 def main(argv=None) -> None:

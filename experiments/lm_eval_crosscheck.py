@@ -14,7 +14,8 @@ Builds two local lm-eval tasks from the same items that ``layerroute eval`` scor
    ``layerroute eval`` with the same route or routers: the same prediction on every item, and
    the largest difference of the gold option's NLL per token.
 
-Writes ``experiments/results/lm_eval_crosscheck.md`` (and the runs' outputs under ``--work``).
+Writes ``OUT/lm_eval_crosscheck.md`` (``--out``; the committed one: ``--out experiments/results``) and the
+runs' outputs under ``--work``.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs
 from layerroute.tables import write_report
 
 
-RESULTS = Path(__file__).parent / "results"
 TASKS = {"suite": "lr_suite", "mmlu": "lr_mmlu"}
 YAML = """task: {name}
 dataset_path: json
@@ -149,8 +150,7 @@ def float64_distance(weights: str, lm: dict, items: dict, k: int) -> dict:
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     n: int = option(60, "test-split items per task")
     seed: int = option(0, "seed of the splits and searches")
     route: str = option("skip:20-24", "a static route to cross-check")
@@ -158,7 +158,6 @@ class Args:
     batch_size: int = option(8, "examples per batch")
     worst: int = option(5, "options checked against a float64 evaluation, per task")
     work: str = option("runs/lm-eval-crosscheck", "folder for the tasks and the runs' outputs")
-    out: str = option(str(RESULTS / "lm_eval_crosscheck.md"), "where the report is written")
 
 
 def main(argv=None) -> None:
@@ -222,8 +221,7 @@ def main(argv=None) -> None:
              "|---|---|---|---|---|---|---|", *rows, "",
              "Commands (in this order; seconds each, model load included):", "",
              *[f"- `{c}` ({s:.0f} s)" for c, s in zip(commands, seconds.values())], ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_report(args.out, "\n".join(lines), {"args": asdict(args), "report": lines})
+    write_report(args.path("lm_eval_crosscheck.md"), "\n".join(lines), {"args": asdict(args), "report": lines})
     print("\n".join(lines))
 
 

@@ -10,12 +10,13 @@ the full model at 1.0); Optuna at 1.0 (it may skip blocks, no penalty); and Optu
 best point (``--lam`` > 0, no hard budget). Test scoring uses the shared ``Objective``:
 ``correct`` is the task's own scoring rule (margin > 0), as ``layerroute eval`` counts it.
 
-Resumable and written as it goes: finished rows go to ``<out>/rows.jsonl`` (a results store),
-each Optuna study to ``<out>/<task>/optuna-<point>/`` (its own store and ``study.db``), and
-``experiments/results/optuna_table.md`` and ``.json`` (headed by the command and the date) are
-rewritten after every row. One command makes the whole table::
+Resumable and written as it goes: finished rows go to ``<run-dir>/rows.jsonl`` (a results store),
+each Optuna study to ``<run-dir>/<task>/optuna-<point>/`` (its own store and ``study.db``), and
+``OUT/optuna_table.md`` and ``.json`` (``--out``; headed by the command and the date) are rewritten
+after every row. One command makes the whole table (the committed one: ``--out experiments/results``)::
 
-    OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.optuna_table > runs/optuna_table.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.optuna_table --out experiments/results \
+        > runs/optuna_table.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ from pathlib import Path
 import torch
 
 from layerroute.config import option, parse_config
+from layerroute.experiments import SeededArgs
 from layerroute.tables import ci, pct, table, write_result
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE_NAMES = ("unified", "drop_last", "similarity", "greedy", "random")
 DEFAULT_TASKS = ("suite", "gen:add2", "gen:mul", "gen:compare", "gen:numwords")
 
 
 @dataclass
-class Args:
+class Args(SeededArgs):
     tasks: str = option(",".join(DEFAULT_TASKS), "comma-separated tasks")
     search_limit: int = option(256, "search-split examples the routes are fitted on")
     val_limit: int = option(256, "validation-split examples that choose among Optuna's top trials")
@@ -44,10 +45,7 @@ class Args:
     trials: int = option(16, "Optuna trials per study")
     lam: float = option(1.0, "lambda of Optuna's own best point (the `lambda` rows)")
     batch_rows: int = option(32, "rows per objective call")
-    seed: int = option(0, "split and search seed")
-    threads: int = option(1, "torch threads")
-    out: str = option("runs/optuna_table", "the resumable stores of the run")
-    md: str = option(str(RESULTS / "optuna_table.md"), "the table (and its .json beside it)")
+    run_dir: str = option("runs/optuna_table", "the resumable stores of the run")
 
 
 def test_row(test, route) -> dict:
@@ -124,7 +122,7 @@ def format_table(rows: list[dict], args: Args) -> list[str]:
 
 
 def write_table(rows: list[dict], args: Args) -> None:
-    write_result(Path(args.md).with_suffix(""), "Optuna per-task routes against the full model and the static "
+    write_result(args.path("optuna_table"), "Optuna per-task routes against the full model and the static "
                  "baselines (SmolLM2-135M-Instruct)", format_table(rows, args), {"settings": asdict(args), "rows": rows})
 
 
@@ -138,10 +136,10 @@ def main(argv=None) -> None:
 
     args = parse_config(Args, argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     ex = RouteExecutor(model)
-    L, out = ex.num_layers, Path(args.out)
-    skip = ("out", "tasks", "threads", "md")
+    L, out = ex.num_layers, Path(args.run_dir)
+    skip = ("model", "out", "run_dir", "tasks", "threads")
     header = {"kind": "optuna_table", "settings": {k: v for k, v in asdict(args).items() if k not in skip},
               "model": ex.fingerprint.to_dict(), "task": "many", "split": "test", "seed": args.seed}
     with ResultsStore(out / "rows.jsonl", header) as store:

@@ -1,6 +1,7 @@
 """PPO in the edit space: a learning curve of validation reward against the best static edit.
 
-    OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.ppo_edit > runs/ppo_edit.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.ppo_edit --out experiments/results \
+        > runs/ppo_edit.log 2>&1 &
 
 The ``edit`` env (``layerroute.envs.mdp``): an episode makes at most K edits (skip or repeat one
 block) of the full route, then stops; its reward is the margin gain over the full route minus
@@ -9,8 +10,8 @@ every ``--eval-every`` steps and at the end, a ``ValidationCallback`` runs the g
 first ``--val-limit`` validation-split samples (same reward). The reference line is the **best
 static edit**: each of the 2L single edits applied to every sample, scored on the first
 ``--static-limit`` search samples; the best there is scored on validation. Doing nothing (the full
-route) scores 0. Resumable (the store and SB3 checkpoints are under ``--out``); writes
-``experiments/results/<name>.md``, ``.json`` and ``.png``.
+route) scores 0. Resumable (the store and SB3 checkpoints are under ``--run-dir``); writes
+``OUT/<name>.md``, ``.json`` and ``.png`` (``--out``; the committed ones: ``--out experiments/results``).
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from layerroute.search.base import SearchError, add_config_arguments, config_from_args, option
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from layerroute.config import parse_config
+from layerroute.experiments import SeededArgs, experiment_command
+from layerroute.search.base import SearchError, option
 
 
 @dataclass
-class Args:
+class Args(SeededArgs):
     task: str = option("gen", "the task (see `layerroute tasks`)")
-    model: str = option("smollm2-135m", "the model")
     lam: float = option(1.0, "compute penalty: reward = margin gain - lam x (blocks - L) / L")
     max_edits: int = option(4, "K: edits per episode")
     search_limit: int = option(256, "search-split samples PPO trains on")
@@ -48,16 +48,12 @@ class Args:
     lr: float = option(1e-3, "PPO learning rate")
     obs_dim: int = option(16, "principal components per observed state")
     batch_rows: int = option(64, "token rows per executor call")
-    seed: int = option(0, "seed of the splits and of PPO")
-    threads: int = option(1, "torch threads")
-    out: str = option("runs/ppo_edit", "folder of the resumable store and checkpoints")
-    name: str = option("ppo_edit", "writes experiments/results/<name>.md, .json and .png")
+    run_dir: str = option("runs/ppo_edit", "folder of the resumable store and checkpoints")
+    name: str = option("ppo_edit", "writes OUT/<name>.md, .json and .png")
 
     def validate(self) -> None:
-        for f in ("max_edits", "search_limit", "static_limit", "val_limit", "timesteps", "eval_every", "n_envs",
-                  "n_steps", "batch_size", "obs_dim", "batch_rows", "threads"):
-            if getattr(self, f) < 1:
-                raise SearchError(f"--{f.replace('_', '-')} must be at least 1")
+        self.require_positive("max_edits", "search_limit", "static_limit", "val_limit", "timesteps", "eval_every",
+                              "n_envs", "n_steps", "batch_size", "obs_dim", "batch_rows", "threads", error=SearchError)
         if self.static_limit > self.search_limit:
             raise SearchError("--static-limit must be at most --search-limit (static edits are scored on search "
                               "samples)")
@@ -178,11 +174,8 @@ def main(argv=None) -> None:
     from layerroute.store import ResultsStore, atomic_write, model_header
     from layerroute.tasks import get_task
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(p, Args)
-    args = config_from_args(Args, p.parse_args(argv))
-    words = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join(["OMP_NUM_THREADS=1 python -m layerroute.experiments.ppo_edit", *words])
+    args = parse_config(Args, argv, __doc__.splitlines()[0])
+    command = experiment_command("ppo_edit", argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -196,10 +189,10 @@ def main(argv=None) -> None:
                       obs_dim=args.obs_dim, max_edits=args.max_edits, batch_rows=args.batch_rows)
     val = RoutingCore(Objective.from_task(ex, tok, task, "validation", args.val_limit, args.seed, option="--val-limit",
                                           lam=args.lam, batch_rows=args.batch_rows), core.spec, core.proj)
-    settings = {k: v for k, v in asdict(args).items() if k not in ("threads", "out", "name")}
+    settings = {k: v for k, v in asdict(args).items() if k not in ("threads", "out", "run_dir", "name")}
     header = {"kind": "ppo-edit", "settings": settings, **model_header(ex), "task": task.name, "split": "search",
               "seed": args.seed}
-    with ResultsStore(Path(args.out) / "results.jsonl", header) as store:
+    with ResultsStore(Path(args.run_dir) / "results.jsonl", header) as store:
         done = {r["key"]: r for r in store.records if r.get("type") in ("static_edit", "reference")}
         for a in range(2 * L):  # 1. every single static edit on the first static_limit search samples
             if f"static:{a}" not in done:
@@ -233,11 +226,10 @@ def main(argv=None) -> None:
         train = [r for r in store.records if r.get("type") == "curve"]
     text, data = render(args, command, L, statics, ref, full_acc, curve, train, time.perf_counter() - start,
                         datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"))
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write(RESULTS / f"{args.name}.md", text)
-    atomic_write(RESULTS / f"{args.name}.json", json.dumps(data, indent=1))
-    plot(RESULTS / f"{args.name}.png", args, curve, train, ref)
-    log(f"wrote {RESULTS / args.name}.md, .json and .png")
+    atomic_write(args.path(f"{args.name}.md"), text)
+    atomic_write(args.path(f"{args.name}.json"), json.dumps(data, indent=1))
+    plot(args.path(f"{args.name}.png"), args, curve, train, ref)
+    log(f"wrote {args.path(args.name)}.md, .json and .png")
     print(text)
 
 

@@ -5,15 +5,15 @@
 The committed ``experiments/results/ppo_table.md`` is::
 
     OMP_NUM_THREADS=1 python -m layerroute.experiments.ppo_table --lam 0 --budget 0.8 --train-limit 256 \
-        --timesteps 32768 --baselines unified,drop_last,similarity,random
+        --timesteps 32768 --baselines unified,drop_last,similarity,random --out experiments/results
 
 Trains PPO (``per_sample`` mode) on the search split of a generated task, then scores on the
 held-out test split: the full model, the PPO policy (greedy), every static baseline and the
 Optuna route at the PPO policy's measured compute (``floor(mean blocks)``, chosen on
 search-split calibration samples), and the MCTS oracle (it reads each test sample's label: an
 upper bound, not a result). Accuracy with 95% Wilson CIs, mean blocks, training cost. Rows are
-kept in a resumable store under ``--run-dir``, and ``experiments/results/ppo_table.md`` and
-``ppo_curve.png`` are rewritten after every row (``ppo_table.json`` beside them: the command, the
+kept in a resumable store under ``--run-dir``, and ``OUT/ppo_table.md`` and ``ppo_curve.png``
+(``--out``) are rewritten after every row (``ppo_table.json`` beside them: the command, the
 date, the settings and the rows), so a killed run keeps what finished.
 """
 
@@ -31,18 +31,16 @@ from layerroute.evaluation import evaluate, wilson_interval
 from layerroute.objective import Objective
 from layerroute.route import Route
 from layerroute.config import option, parse_config
+from layerroute.experiments import SeededArgs
 from layerroute.store import ResultsStore
 from layerroute.tables import acc_ci, pct, table, write_result
 from layerroute.tasks import get_task
 
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(SeededArgs):
     task: str = option("gen", "task spec")
-    seed: int = option(0, "split and training seed")
     mode: str = option("per_sample", "PPO env mode", choices=["per_sample", "cola"])
     lam: float = option(1.0, "compute penalty lambda")
     budget: str = option(None, "hard budget of the PPO episodes: a share (0.8) or a block count", type=str)
@@ -57,7 +55,6 @@ class Args:
     optuna_trials: int = option(30, "Optuna trials (0: skip)")
     mcts_limit: int = option(24, "test samples for the MCTS oracle (0: skip)")
     mcts_simulations: int = option(40, "MCTS simulations per sample")
-    threads: int = option(1, "torch threads")
     run_dir: str = option("runs/ppo-table", "the resumable stores of the run")
 
 
@@ -88,7 +85,7 @@ def write_outputs(rows: list[dict], curve: list[dict], line: dict | None, train:
     lines += _verdicts(rows)
     lines += ["", "MCTS rows read each test sample's label (ORACLE): an upper bound, not a comparable result.",
               "", "![learning curve](ppo_curve.png)"]
-    write_result(RESULTS / "ppo_table", f"PPO routing policy on {args.model}, task `{args.task}` (test split, seed "
+    write_result(args.path("ppo_table"), f"PPO routing policy on {args.model}, task `{args.task}` (test split, seed "
                  f"{args.seed})", lines, {"settings": asdict(args), "training": train, "rows": rows, "line": line})
     if curve:
         _plot_curve(curve, line, args)
@@ -137,7 +134,7 @@ def _plot_curve(curve: list[dict], line: dict | None, args: Args) -> None:
     ax.set_title(f"PPO on {args.task}, search split")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "ppo_curve.png", dpi=120)
+    fig.savefig(args.path("ppo_curve.png"), dpi=120)
     plt.close(fig)
 
 
@@ -251,7 +248,7 @@ def main(argv=None) -> None:
             table.append(r)
             rows.append(r)
         write_outputs(rows, curve, line, train, args, chance)
-    print(f"wrote {RESULTS / 'ppo_table.md'}, .json and {RESULTS / 'ppo_curve.png'}")
+    print(f"wrote {args.path('ppo_table.md')}, .json and {args.path('ppo_curve.png')}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Routers against the full model, static routes and Optuna at equal compute, and the MCTS oracle.
 
     OMP_NUM_THREADS=1 python -m layerroute.experiments.router_table [--labels experiments/results/mcts_gen] \
-        [--unseen suite,mmlu] [--test-limit 150]
+        [--unseen suite,mmlu] [--test-limit 150] [--out experiments/results]
 
-The defaults are the committed tables' settings: that one command writes both
-``experiments/results/router_table.md`` (the trained task) and ``router_table_unseen.md`` (the
+The defaults are the committed tables' settings: that one command, with ``--out experiments/results``,
+writes both ``experiments/results/router_table.md`` (the trained task) and ``router_table_unseen.md`` (the
 unseen tasks), each with its ``.json``.
 
 1. Trains routers on the label store(s) (MCTS routes of the trained task's search split) twice:
@@ -18,8 +18,8 @@ unseen tasks), each with its ``.json``.
    chose, timed back to back (medians) on 16 test prompts (evaluation wall times are not
    compared: other jobs change them).
 
-Rows are written to ``experiments/results/router_table.md`` / ``.json`` (the trained task) and
-``router_table_unseen.md`` / ``.json`` (the unseen tasks) as they finish, each headed by the command
+Rows are written to ``OUT/NAME.md`` / ``.json`` (the trained task; ``--out``, ``--name router_table``) and
+``NAME_unseen.md`` / ``.json`` (the unseen tasks) as they finish, each headed by the command
 and the date, so a killed run keeps what it did. Run with ``OMP_NUM_THREADS=1`` beside other work.
 """
 
@@ -40,16 +40,14 @@ from layerroute.routers.training import actions_of, load_labels, pass_counts, pr
 from layerroute.search import get_searcher
 from layerroute.search.baselines import BASELINES
 from layerroute.config import option, parse_config
+from layerroute.experiments import RESULTS, SeededArgs
 from layerroute.store import environment, read_store
 from layerroute.tables import acc_ci, table, write_result
 from layerroute.tasks import get_task
 
-RESULTS = Path(__file__).parent / "results"
-
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(SeededArgs):
     labels: tuple = option((str(RESULTS / "mcts_gen"),), "MCTS label store(s) of the trained task", nargs="+",
                            type=str)
     unseen: str = option("suite,mmlu", "comma-separated tasks the routers never saw (their own table)")
@@ -61,10 +59,8 @@ class Args:
     epochs: int = option(30, "router training epochs")
     refine_epochs: int = option(5, "on-policy refinement epochs")
     baselines: str = option(",".join(BASELINES), "comma-separated static baselines")
-    seed: int = option(0, "split and training seed")
-    threads: int = option(1, "torch threads")
-    out: str = option(str(RESULTS / "router_table"), "the trained task's table (STEM.md, .json); the unseen "
-                      "tasks' goes to STEM_unseen")
+    name: str = option("router_table", "the trained task's table (OUT/NAME.md, .json); the unseen tasks' goes to "
+                       "OUT/NAME_unseen")
     routers_dir: str = option("runs/router_table_500", "where the trained routers are saved")
     reuse_routers: bool = option(False, "load the routers of an earlier run from --routers-dir")
     skip_trained: bool = option(False, "only the unseen tasks")
@@ -142,7 +138,7 @@ def main(argv=None) -> None:
     label_settings = read_store(args.labels[0])[0].get("settings", {})
     meta = {"model": args.model, "labels": ", ".join(args.labels), "settings": asdict(args), "env": environment(),
             "label_settings": label_settings}
-    table = Table(Path(args.out), meta)
+    table = Table(args.path(args.name), meta)
 
     nets = {}
     for name, refine in (("routers (teacher forcing)", 0), ("routers (+ on-policy refinement)", args.refine_epochs)):

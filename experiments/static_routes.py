@@ -11,35 +11,34 @@ route runs the same blocks on every sample, so its mean blocks are its blocks). 
 never chooses anything. Scoring is the shared ``Objective``: a sample is correct when the gold
 option has the highest log-likelihood, as ``layerroute eval`` counts it.
 
-Resumable and written as it goes: rows go to ``<out>/rows.jsonl`` (a results store) and
-``experiments/results/<name>.md`` and ``.json`` are rewritten after every row. ``greedy`` runs
+Resumable and written as it goes: rows go to ``<run-dir>/rows.jsonl`` (a results store) and
+``OUT/<name>.md`` and ``.json`` (``--out``) are rewritten after every row. ``greedy`` runs
 last (it is the costly one; each budget extends the removal order of the one before). One command
-makes the whole table (the committed one: ``--trials 12 --greedy-calib-limit 32``)::
+makes the whole table (the committed one: ``--trials 12 --greedy-calib-limit 32 --out experiments/results``)::
 
-    OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.static_routes > runs/static_routes.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup python -m layerroute.experiments.static_routes --out experiments/results \
+        > runs/static_routes.log 2>&1 &
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from layerroute.config import option, parse_config
+from layerroute.experiments import SeededArgs, experiment_command
 from layerroute.search.base import SearchError
 from layerroute.tables import ci as ci_text
 from layerroute.tables import pct as pct_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STATIC = ("full", "unified", "drop_last", "similarity", "random", "optuna", "greedy")
 
 
 @dataclass
-class Args:
+class Args(SeededArgs):
     task: str = option("gen", "the task (see `layerroute tasks`)")
-    model: str = option("smollm2-135m", "the model")
     budgets: str = option("0.9,0.8,0.7", "shares of the blocks (the full model is always scored)")
     methods: str = option(",".join(STATIC), "the full model, static baselines and optuna, comma-separated")
     calib_limit: int = option(256, "search-split samples every route is fitted on")
@@ -49,18 +48,15 @@ class Args:
     trials: int = option(16, "Optuna trials per budget (TPE, median pruning)")
     top: int = option(3, "Optuna's best distinct trials (by search reward) re-scored on validation")
     batch_rows: int = option(64, "token rows per executor call")
-    seed: int = option(0, "seed of the splits, the random baseline and Optuna")
-    threads: int = option(1, "torch threads")
-    out: str = option("runs/static_routes", "folder of the resumable results store")
-    name: str = option("static_routes", "writes experiments/results/<name>.md and .json")
+    run_dir: str = option("runs/static_routes", "folder of the resumable results store")
+    name: str = option("static_routes", "writes OUT/<name>.md and .json")
 
     def validate(self) -> None:
         unknown = set(self.methods.split(",")) - set(STATIC)
         if unknown:
             raise SearchError(f"unknown methods {sorted(unknown)}; use {', '.join(STATIC)}")
-        for f in ("calib_limit", "val_limit", "test_limit", "trials", "top", "batch_rows", "threads"):
-            if getattr(self, f) < 1:
-                raise SearchError(f"--{f.replace('_', '-')} must be at least 1")
+        self.require_positive("calib_limit", "val_limit", "test_limit", "trials", "top", "batch_rows", "threads",
+                              error=SearchError)
 
     @property
     def ratios(self) -> list[float]:
@@ -178,8 +174,7 @@ def main(argv=None) -> None:
     from layerroute.tasks import get_task
 
     args = parse_config(Args, argv, __doc__.splitlines()[0])
-    words = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join(["OMP_NUM_THREADS=1 python -m layerroute.experiments.static_routes", *words])
+    command = experiment_command("static_routes", argv)
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
@@ -194,10 +189,10 @@ def main(argv=None) -> None:
     greedy_cal = objective("search", args.greedy_calib_limit, "--greedy-calib-limit") \
         if args.greedy_calib_limit not in (0, args.calib_limit) else cal
     settings = {k: v for k, v in asdict(args).items()
-                if k not in ("threads", "out", "name", "methods", "budgets")}
+                if k not in ("threads", "out", "run_dir", "name", "methods", "budgets")}
     header = {"kind": "static_routes", "settings": settings, "model": ex.fingerprint.to_dict(), "task": task.name,
               "split": "test", "seed": args.seed}
-    with ResultsStore(Path(args.out) / "rows.jsonl", header) as store:
+    with ResultsStore(Path(args.run_dir) / "rows.jsonl", header) as store:
         rows = [{"command": command, **r} for r in store.records if r.get("type") == "row"]
         for r in rows:  # a resumed run: routes scored before are not scored again
             remember_route_stats(val, r["layers"], r["val"])
@@ -232,8 +227,8 @@ def main(argv=None) -> None:
             store.append(row)
             rows.append(row)
             text, data = render(rows, args, command, L)
-            atomic_write(RESULTS / f"{args.name}.md", text)
-            atomic_write_json(RESULTS / f"{args.name}.json", data, indent=1, sort_keys=False)
+            atomic_write(args.path(f"{args.name}.md"), text)
+            atomic_write_json(args.path(f"{args.name}.json"), data, indent=1, sort_keys=False)
             print(f"{key}: test {pct(row['test'])} ({ci(row['test'])}), val {pct(row['val'])}, {route.cost} blocks "
                   f"({row['seconds']} s)", flush=True)
 

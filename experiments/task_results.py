@@ -3,8 +3,8 @@
     python -m layerroute.experiments.task_results [--model smollm2-135m]
 
 Scores the test split of each task (capped by ``--limit-*`` where a full pass would take long
-on a CPU) and writes ``experiments/results/tasks.md``, ``baselines_suite.md`` and
-``baselines_suite.png``.
+on a CPU) and writes ``OUT/tasks.md``, ``baselines_suite.md`` and ``baselines_suite.png``
+(``--out``; the committed ones: ``--out experiments/results``).
 """
 
 from __future__ import annotations
@@ -16,24 +16,21 @@ import torch
 
 from layerroute import RouteExecutor, load_model
 from layerroute.config import option, parse_config
+from layerroute.experiments import ExperimentArgs
 from layerroute.evaluation import evaluate
 from layerroute.search.baselines import format_table, plot_curves, run_baselines
 from layerroute.store import atomic_write_json, environment
 from layerroute.tables import ci, pct, stamp, table, write_report
 from layerroute.tasks import get_task
 
-RESULTS = Path(__file__).parent / "results"
-
 
 @dataclass
-class Args:
-    model: str = option("smollm2-135m", "model name or path")
+class Args(ExperimentArgs):
     seed: int = option(0, "seed of the splits and searches")
     limit_mmlu: int = option(600, "MMLU test items scored")
     limit_gsm8k: int = option(100, "GSM8K test items scored")
     batch_size: int = option(16, "examples per batch")
     budgets: str = option("0.9,0.8,0.7", "comma-separated shares of the blocks")
-    out: str = option(str(RESULTS), "where the report is written")
 
 
 def main(argv=None) -> None:
@@ -44,7 +41,7 @@ def main(argv=None) -> None:
     model, tok = load_model(args.model)
     ex = RouteExecutor(model)
     cmd = "python -m layerroute.experiments.task_results " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if k != "out")
+        f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items())
 
     limits = {"mmlu": args.limit_mmlu, "gsm8k": args.limit_gsm8k}
     header, rows = ["task", "kind", "test n", "accuracy", "95% CI", "chance", "blocks", "tokens/s"], []
