@@ -31,6 +31,17 @@ class ExperimentArgs:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def executor(self, threads: int | None = None):
+        """``(RouteExecutor, tokenizer)`` of ``--model``, torch set to ``threads`` threads first when given."""
+        import torch
+
+        from layerroute import RouteExecutor, load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        model, tok = load_model(self.model)
+        return RouteExecutor(model), tok
+
     def require_positive(self, *names: str, error=ValueError) -> None:
         """Raise ``error("--flag must be at least 1")`` for the first of ``names`` below 1."""
         for name in names:

@@ -31,17 +31,13 @@ class Args(ExperimentArgs):
 
 
 def main(argv=None) -> None:
-    import torch
 
-    from layerroute import RouteExecutor, load_model
     from layerroute.objective import Objective
     from layerroute.search.baselines import greedy_cost, greedy_order
     from layerroute.tasks import get_task
 
     args = parse_config(Args, argv, __doc__.splitlines()[0])
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    ex = RouteExecutor(model)
+    ex, tok = args.executor(args.threads)
     task = get_task(args.task)
     rows = {}
     for name, reuse in (("from the embeddings (before)", False), ("prefix reuse (after)", True)):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-import torch
 
 from layerroute.config import option, parse_config
 from layerroute.experiments import ExperimentArgs, experiment_command
@@ -79,16 +78,13 @@ class Args(ExperimentArgs):
 
 
 def main(argv=None) -> None:
-    from layerroute import RouteExecutor, load_model
     from layerroute.objective import Objective
     from layerroute.search.baselines import greedy_order
     from layerroute.search.optuna_search import OptunaConfig, OptunaSearch
     from layerroute.tasks import get_task
 
     args = parse_config(Args, argv, __doc__.splitlines()[0])
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    ex = RouteExecutor(model)
+    ex, tok = args.executor(args.threads)
     task = get_task(args.task)
     L = ex.num_layers
     examples = task.split("search", 0).examples[:args.limit]

@@ -9,7 +9,6 @@ Writes ``OUT/generated_tasks.md`` and ``generated_tasks.json`` (``--out``; the c
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from layerroute import RouteExecutor, load_model
 from layerroute.config import option, parse_config

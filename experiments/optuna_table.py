@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 from layerroute.config import option, parse_config
 from layerroute.experiments import SeededArgs
@@ -127,7 +126,6 @@ def write_table(rows: list[dict], args: Args) -> None:
 
 
 def main(argv=None) -> None:
-    from layerroute import RouteExecutor, load_model
     from layerroute.budget import blocks_for_ratio
     from layerroute.objective import Objective
     from layerroute.search.baselines import BASELINES
@@ -135,9 +133,7 @@ def main(argv=None) -> None:
     from layerroute.tasks import get_task
 
     args = parse_config(Args, argv, __doc__.splitlines()[0])
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    ex = RouteExecutor(model)
+    ex, tok = args.executor(args.threads)
     L, out = ex.num_layers, Path(args.run_dir)
     skip = ("model", "out", "run_dir", "tasks", "threads")
     header = {"kind": "optuna_table", "settings": {k: v for k, v in asdict(args).items() if k not in skip},

@@ -16,10 +16,8 @@ route) scores 0. Resumable (the store and SB3 checkpoints are under ``--run-dir`
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone

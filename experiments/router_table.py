@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from layerroute import RouteExecutor, load_model
 from layerroute.evaluation import evaluate, wilson_interval
 from layerroute.objective import Objective
 from layerroute.route import Route
@@ -131,9 +130,7 @@ def oracle(ex, tok, task, args, label_settings, seed) -> tuple[list[dict], list]
 
 def main(argv=None) -> None:
     args = parse_config(Args, argv, __doc__.splitlines()[0])
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    ex = RouteExecutor(model)
+    ex, tok = args.executor(args.threads)
     labels = load_labels(args.labels, ex.fingerprint)
     label_settings = read_store(args.labels[0])[0].get("settings", {})
     meta = {"model": args.model, "labels": ", ".join(args.labels), "settings": asdict(args), "env": environment(),
@@ -144,7 +141,7 @@ def main(argv=None) -> None:
     for name, refine in (("routers (teacher forcing)", 0), ("routers (+ on-policy refinement)", args.refine_epochs)):
         t, where = time.perf_counter(), Path(args.routers_dir) / ("teacher" if not refine else "refined")
         if args.reuse_routers:
-            net = load_routers(where, model)
+            net = load_routers(where, ex.model)
             report = net.config.training
         else:
             net, report = train_routers(ex, tok, labels, epochs=args.epochs, refine_epochs=refine, seed=args.seed,

@@ -163,9 +163,7 @@ def render(rows: list[dict], args: Args, command: str, L: int) -> tuple[str, dic
 
 
 def main(argv=None) -> None:
-    import torch
 
-    from layerroute import RouteExecutor, load_model
     from layerroute.budget import blocks_for_ratio
     from layerroute.objective import Objective
     from layerroute.search.baselines import BASELINES, greedy_cost, greedy_progress, remember_route_stats, route_stats
@@ -175,9 +173,7 @@ def main(argv=None) -> None:
 
     args = parse_config(Args, argv, __doc__.splitlines()[0])
     command = experiment_command("static_routes", argv)
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    ex = RouteExecutor(model)
+    ex, tok = args.executor(args.threads)
     L, task = ex.num_layers, get_task(args.task, seed=args.seed)
 
     def objective(split, limit, flag):
