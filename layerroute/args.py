@@ -297,12 +297,14 @@ def load(args, check_supported: bool = True):
 
 
 def add_task_args(p: argparse.ArgumentParser, output: str = "a directory for results.jsonl (the results store)",
-                  split: str | None = None) -> None:
-    """--task and how to read it, --seed, --limit, --batch-size, --output, --overwrite (and --split if given)."""
+                  split: str | None = None, task_default: str | None = None) -> None:
+    """--task and how to read it, --seed, --limit, --batch-size, --output, --overwrite (and --split if given).
+    With ``task_default`` (what stands in for it, in words), --task is optional."""
     from .tasks.extract import EXTRACTORS
 
-    p.add_argument("--task", required=True, help="task name (see `layerroute tasks`), jsonl:PATH, csv:PATH, "
-                   "parquet:PATH or hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument("--task", required=task_default is None, help="task name (see `layerroute tasks`), jsonl:PATH, "
+                   "csv:PATH, parquet:PATH or hf:NAME[:CONFIG]:SPLIT" + (f" (default: {task_default})"
+                                                                         if task_default else ""))
     p.add_argument("--fields", default=None,
                    help="for data-file and hf: tasks, e.g. question=q,answer=a,choices=options or "
                         "choices=answer_a|answer_b|answer_c|answer_d (several columns); the answer may be a letter, "
@@ -342,6 +344,24 @@ def task_options(args) -> dict:
 
 
 DATA_TASKS = ("jsonl", "csv", "parquet", "hf")  # the task sources that read users' files: they take --fields ...
+
+
+def task_record(args) -> dict:
+    """What a trained policy records of its task (spec, reading options, split seed), so that
+    ``eval --policy`` reads the same task and tests on the split it did not train on."""
+    return {"task": args.task, "task_options": task_options(args)}
+
+
+def restore_task(args, record: dict) -> None:
+    """Set ``args``' task arguments from a ``task_record`` (``--seed`` only where the user gave none)."""
+    options = dict(record.get("task_options") or {})
+    args.task = record["task"]
+    fields = options.get("fields")
+    args.fields = ",".join(f"{k}={v}" for k, v in fields.items()) if fields else None
+    args.kind, args.scoring, args.extract = options.get("kind"), options.get("choice_scoring"), options.get("extract")
+    args.skip_bad_rows = bool(options.get("skip_bad_rows"))
+    if "seed" not in getattr(args, "given", set()) and "seed" in options:
+        args.seed = int(options["seed"])
 
 
 def task_of(args):

@@ -69,6 +69,36 @@ def policy_type(path) -> str:
         return "?"
 
 
+def recorded_task(path) -> dict | None:
+    """The task record (``layerroute.args.task_record``) a saved policy or router folder keeps, read
+    without loading anything; None where it keeps none."""
+    import json
+
+    path = Path(path)
+    for name in ("router_config.json", "policy_config.json"):
+        try:
+            training = json.loads((path / name).read_text()).get("training") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(training, dict) and isinstance(training.get("task"), str):
+            return {"task": training["task"], "task_options": training.get("task_options") or {}}
+    return None
+
+
+def _task_from_policy(args) -> None:
+    """Without --task, eval reads the task a --policy / --router was trained on (and its split seed)."""
+    from .args import restore_task
+
+    policy = args.router or args.policy
+    if not policy:
+        raise InputError("--task is required (only a --policy or --router folder can supply it)")
+    record = recorded_task(policy)
+    if record is None:
+        raise InputError(f"{policy} does not record the task it was trained on; give --task")
+    restore_task(args, record)
+    print(f"task: {args.task} (the task {policy} was trained on; split seed {args.seed})", file=sys.stderr)
+
+
 def refuse_ignored(args, rules) -> None:
     """Refuse flags that would be ignored: ``rules`` is (dest, applies, reason); a flag given on the
     command line (its value differs from the parser's default) where ``applies`` is false is an error."""
@@ -212,6 +242,8 @@ def cmd_eval(args) -> int:
     from .executor import RouteExecutor
     from .store import ResultsStore
 
+    if args.task is None:
+        _task_from_policy(args)
     task = task_of(args)
     _check_eval_args(args, task)
     split = task.split(args.split, args.seed)
@@ -239,7 +271,8 @@ def cmd_eval(args) -> int:
 
 def build_eval(p) -> None:
     add_model_args(p)
-    add_task_args(p, split="test")
+    add_task_args(p, split="test", task_default="with --policy or --router, the task it was trained on, read as "
+                                                 "it was then, with its split seed")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--route", default=None, help="route JSON file or spec (default: identity)")
     group.add_argument("--baseline", default=None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from layerroute.args import add_model_args, add_task_args, default_output, identity, load, task_of
+from layerroute.args import add_model_args, add_task_args, default_output, identity, load, task_of, task_record
 from layerroute.cli import Command, check_task_flags, refuse_ignored
 from layerroute.errors import InputError
 from layerroute.runs import run_header
@@ -42,14 +42,15 @@ def cmd_train_ppo(args) -> int:
 
             shutil.rmtree(store.path.parent / "checkpoints", ignore_errors=True)
         _, policy = train_ppo(venv, store, args.timesteps, seed=args.seed, device=args.device, n_steps=args.n_steps,
-                              batch_size=args.batch_size, learning_rate=args.lr, progress=not args.no_progress)
-        print(ppo_summary(store, policy, args.task))
+                              batch_size=args.batch_size, learning_rate=args.lr, progress=not args.no_progress,
+                              task=task_record(args))
+        print(ppo_summary(store, policy))
         if policy is not None:
             _warn_if_degenerate(policy, ex, tok, task.split("validation", args.seed))
     return 0
 
 
-def ppo_summary(store, policy, task_spec: str) -> str:
+def ppo_summary(store, policy) -> str:
     """The run's last learning-curve point, and the files it wrote."""
     curve = [r for r in store.records if r.get("type") == "curve"]
     summary = store.summary() or {}
@@ -62,7 +63,7 @@ def ppo_summary(store, policy, task_spec: str) -> str:
     folder = store.path.parent
     lines.append(f"wrote {store.path}, {folder / 'tb'}, {folder / 'checkpoints'}" +
                  ("" if policy is None else f" and the policy in {folder / 'policy'} (evaluate with: layerroute "
-                                            f"eval --task {task_spec} --policy {folder / 'policy'})"))
+                                            f"eval --policy {folder / 'policy'})"))
     return "\n".join(lines)
 
 

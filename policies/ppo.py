@@ -153,12 +153,14 @@ def train_ppo(venv, store: ResultsStore, timesteps: int, *, seed: int = 0, devic
               batch_size: int = 256, n_epochs: int = 4, learning_rate: float = 3e-4, ent_coef: float = 0.01,
               gamma: float = 1.0, features_dim: int = 64, pi: tuple[int, ...] = (64,), checkpoint_every: int = 4096,
               progress: bool = True, tensorboard: bool = True, resume: bool = True,
-              callbacks: tuple[BaseCallback, ...] = ()) -> tuple[PPO, PPOPolicy | None]:
+              callbacks: tuple[BaseCallback, ...] = (), task: dict | None = None) -> tuple[PPO, PPOPolicy | None]:
     """Train (or resume) PPO on ``venv`` up to ``timesteps`` environment steps; export the policy.
 
     The run directory is the store's. Reward arrives at the end of an episode, so ``gamma``
     defaults to 1. ``callbacks`` run beside the curve and checkpoint ones (e.g. a
-    ``ValidationCallback``). Returns the SB3 model and the exported ``PPOPolicy`` (None for per_token).
+    ``ValidationCallback``). ``task``: how the task was read (``layerroute.args.task_record``), kept in
+    the policy so ``eval --policy`` needs no ``--task``. Returns the SB3 model and the exported
+    ``PPOPolicy`` (None for per_token).
     """
     out = store.path.parent
     core = venv.core
@@ -186,7 +188,7 @@ def train_ppo(venv, store: ResultsStore, timesteps: int, *, seed: int = 0, devic
         model.save(out / "checkpoints" / f"{PREFIX}_{model.num_timesteps}_steps.zip")
     wall = time.perf_counter() - start
     meta = {"timesteps": int(model.num_timesteps), "task": core.obj.task.name, "reward": core.obj.reward_kind,
-            "lam": core.obj.lam, "split": "search", "samples": len(core.obj), "seed": seed}
+            "lam": core.obj.lam, "split": "search", "samples": len(core.obj), "seed": seed, **(task or {})}
     policy = None
     if core.spec.mode != "per_token":
         policy = export_policy(model, core.spec, core, out / "policy", meta)

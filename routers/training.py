@@ -453,7 +453,7 @@ def training_summary(report: dict, task_spec: str, out: Path) -> str:
         (f" -> {refine['on_policy_val_after']['agreement']:.3f} after refinement "
          f"({'kept' if refine['kept'] else 'discarded'})" if refine else ""),
         f"wrote {out / 'routers.safetensors'}, {out / 'router_config.json'} and {out / 'policy_config.json'} "
-        f"(evaluate with: layerroute eval --task {task_spec} --router {out})"])
+        f"(evaluate with: layerroute eval --router {out})"])
 
 
 def warn_if_degenerate(net, executor, tok, task, limit: int = 32) -> None:

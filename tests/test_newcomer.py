@@ -191,3 +191,26 @@ def test_readme_small_caps_sizes(monkeypatch):
     assert shrink(args) == ["--limit 4", "--calib-limit 4"] and args.limit == 4
     args = build_parser(["signal"]).parse_args(["signal", "--task", "gen"])
     assert "--limit 20" in shrink(args, {"limit": 20})
+
+
+def test_eval_reads_the_task_a_policy_was_trained_on(tiny_dir, tmp_path, capsys):
+    from layerroute.args import restore_task, task_record
+
+    argv = ["eval", "--task", "jsonl:x.jsonl", "--fields", "question=q,answer=a,choices=o", "--scoring", "cloze",
+            "--seed", "3", "--skip-bad-rows"]
+    given = build_parser(argv).parse_args(argv)
+    record = json.loads(json.dumps(task_record(given)))  # as a policy's JSON keeps it
+    fresh = build_parser(["eval"]).parse_args(["eval"])
+    fresh.given = set()
+    restore_task(fresh, record)
+    assert task_record(fresh) == task_record(given) and fresh.scoring == "cloze" and fresh.seed == 3
+    fresh.given, fresh.seed = {"seed"}, 5
+    restore_task(fresh, record)
+    assert fresh.seed == 5  # a --seed the user gives wins
+    RouteExecutor(tiny_model("llama")).route("skip:1-4").save(tmp_path / "one.json")
+    for extra, message in (([], "--task is required (only a --policy or --router folder can supply it)"),
+                           (["--policy", str(tmp_path / "one.json")], "one.json does not record the task it was "
+                                                                      "trained on; give --task")):
+        assert main(["eval", "--model", str(tiny_dir), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and err.endswith(message) and len(err.splitlines()) == 1

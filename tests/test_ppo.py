@@ -242,4 +242,10 @@ def test_train_ppo_cli_edit_mode_then_eval_policy(tiny_dir, tmp_path, capsys):
     _, recs = read_store(tmp_path / "ev")
     blocks = [r["blocks"] for r in recs if r["type"] == "sample"]
     assert len(blocks) == 4 and all(3 <= b <= 5 + 2 for b in blocks)  # at most 2 edits of the 5 blocks
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_dir), "--limit", "4", "--policy", str(out / "policy"),
+                 "--output", str(tmp_path / "ev2")]) == 0  # the policy names its task: the hint train-ppo prints
+    assert "task: suite:capitals (the task" in capsys.readouterr().err
+    samples = [r for r in recs if r["type"] == "sample"]
+    assert [r for r in read_store(tmp_path / "ev2")[1] if r["type"] == "sample"] == samples
     assert main(args + ["--timesteps", "32", "--max-edits", "3"]) == 2  # another K: refused, not mixed
