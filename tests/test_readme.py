@@ -2,8 +2,10 @@
 order, in one empty temporary folder, at small sizes. ``LAYERROUTE_README_SMALL=1`` caps the size
 options of each command (``layerroute.args.SMALL``: --limit, --simulations, --trials, --timesteps,
 ...); no command is skipped. ``layerroute`` lines run in this process through ``layerroute.cli.main``,
-so the model loads once, not once per line; a line starting with ``make`` runs in the checkout (its
-Makefile), any other shell line in bash; each Python block runs in a fresh namespace. A failing line
+so the model loads once, not once per line; a line starting with ``make`` runs the checkout's
+Makefile from the temporary folder (``make -f CHECKOUT/Makefile``: its outputs land there, and
+``make test`` runs a small part of the suite), any other shell line in bash; each Python block runs in
+a fresh namespace. A failing line
 does not stop the check (later lines may still pass); every failure is reported at the end. The time
 of each line and the total are printed (``pytest -s``)."""
 
@@ -93,5 +95,6 @@ def run_line(lang: str, code: str, n: int, folder: Path, main) -> int | str:
     argv = shlex.split(code, comments=True)
     if argv[0] == "layerroute":
         return main(argv[1:]) or 0
-    done = subprocess.run(["bash", "-c", code], cwd=ROOT if argv[0] == "make" else folder)
-    return done.returncode
+    if argv[0] == "make":
+        code = f"make -f {shlex.quote(str(ROOT / 'Makefile'))} {code[len('make'):].strip()}"
+    return subprocess.run(["bash", "-c", code], cwd=folder).returncode
