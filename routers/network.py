@@ -40,10 +40,10 @@ from torch import nn
 
 from layerroute.budget import Budget
 from layerroute.config import option
-from layerroute.errors import LayerRouteError
+from layerroute.errors import FingerprintMismatchError, LayerRouteError
 from layerroute.executor import RouteExecutor, RouteKVCache, RoutedOutput
 from layerroute.route import ACTIONS, Route
-from layerroute.store import read_json
+from layerroute.store import check_tensors, check_weights_digest, describe_file, read_json, read_safetensors
 
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "routers.safetensors"
@@ -79,6 +79,37 @@ def config_from_dict(cls, data: dict, source: str):
         return cls(**{k: v for k, v in data.items() if k in known})
     except TypeError as exc:
         raise RouterError(f"{source} is malformed: {exc}") from None
+
+
+def load_router_dir(directory: str | Path, model: nn.Module, kind: str, config_cls, network_cls, config_name: str,
+                    weights_name: str, route_file_hint: str = "") -> nn.Module:
+    """The ``network_cls`` saved in ``directory`` by ``layerroute train-KIND`` (``kind``: ``"router"`` or
+    ``"token router"``), checked against the frozen ``model``: a directory, a config of the model's shape and
+    weights digest, and weights of the config's shapes; on ``model``'s device, in eval mode, frozen. Each
+    refusal is a ``RouterError`` that says what to run instead (``route_file_hint`` where a route file was given)."""
+    from layerroute.models import ModelFingerprint, model_fingerprint
+
+    directory, dashed = Path(directory), kind.replace(" ", "-")
+    if directory.is_file():
+        what = describe_file(directory)
+        raise RouterError(f"{directory} is {what}, not a {dashed} directory (train-{dashed} writes one, with "
+                          f"{config_name} and {weights_name})" + (route_file_hint if what == "a route file" else ""))
+    if not directory.is_dir():
+        raise RouterError(f"{dashed} directory {directory} does not exist")
+    config = config_cls.load(directory)
+    try:
+        ModelFingerprint.from_dict(config.model).check_matches(model_fingerprint(model), kind)
+    except FingerprintMismatchError as exc:
+        raise RouterError(f"{directory}: {exc}") from None
+    check_weights_digest(model, config.weights_digest, directory, RouterError,
+                         f"{kind} ({config.base_model or 'unnamed base'})",
+                         f"train the {kind}s again on this checkpoint (layerroute train-{dashed})")
+    path = directory / weights_name
+    tensors = read_safetensors(path, RouterError, f"{directory}: the {dashed} weights {weights_name} are missing")
+    net = network_cls(config)
+    check_tensors(tensors, net.state_dict(), path, RouterError, config_name)
+    net.load_state_dict(tensors)
+    return net.to(next(model.parameters()).device).eval().requires_grad_(False)
 
 
 class RoutedBase(nn.Module):

@@ -23,15 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerroute.errors import FingerprintMismatchError
 from layerroute.executor import RouteExecutor, check_left_padded
-from layerroute.models import ModelFingerprint, model_fingerprint
 from layerroute.route import Route
-from layerroute.store import check_tensors, check_weights_digest, describe_file, read_safetensors
 from layerroute.policies.base import RoutingPolicy, register_policy
 
 from .network import (CONFIG_NAME, WEIGHTS_NAME, RoutedBase, RouterConfig, RouterError, RouterNetwork, check_tau,
-                      route_prompts)
+                      load_router_dir, route_prompts)
 
 
 def save_routers(directory: str | Path, net: RouterNetwork) -> Path:
@@ -41,29 +38,8 @@ def save_routers(directory: str | Path, net: RouterNetwork) -> Path:
 
 def load_routers(directory: str | Path, model: nn.Module) -> RouterNetwork:
     """Routers saved in ``directory``, checked against the frozen ``model`` (see the module docstring)."""
-    directory = Path(directory)
-    if directory.is_file():
-        what = describe_file(directory)
-        raise RouterError(f"{directory} is {what}, not a router directory (train-router writes one, with "
-                          f"{CONFIG_NAME} and {WEIGHTS_NAME})" + ("; run a route with --route" if what == "a route "
-                                                                   "file" else ""))
-    if not directory.is_dir():
-        raise RouterError(f"router directory {directory} does not exist")
-    config = RouterConfig.load(directory)
-    try:
-        ModelFingerprint.from_dict(config.model).check_matches(model_fingerprint(model), "router")
-    except FingerprintMismatchError as exc:
-        raise RouterError(f"{directory}: {exc}") from None
-    check_weights_digest(model, config.weights_digest, directory, RouterError,
-                         f"router ({config.base_model or 'unnamed base'})", "train the routers again on this "
-                         "checkpoint (layerroute train-router)")
-    path = directory / WEIGHTS_NAME
-    tensors = read_safetensors(path, RouterError,
-                               f"{directory}: the router weights {WEIGHTS_NAME} are missing")
-    net = RouterNetwork(config)
-    check_tensors(tensors, net.state_dict(), path, RouterError, CONFIG_NAME)
-    net.load_state_dict(tensors)
-    return net.to(next(model.parameters()).device).eval().requires_grad_(False)
+    return load_router_dir(directory, model, "router", RouterConfig, RouterNetwork, CONFIG_NAME, WEIGHTS_NAME,
+                           route_file_hint="; run a route with --route")
 
 
 @register_policy

@@ -40,13 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerroute.config import option
-from layerroute.errors import FingerprintMismatchError, InputError
+from layerroute.errors import InputError
 from layerroute.executor import RouteExecutor
 from layerroute.sparse import ABSENT, KV_KEPT
-from layerroute.store import (atomic_save_safetensors, atomic_write, atomic_write_json, check_tensors,
-                              check_weights_digest, describe_file, read_json, read_safetensors)
+from layerroute.store import atomic_save_safetensors, atomic_write, atomic_write_json, read_json, read_safetensors
 
-from .network import RoutedBase, RouterError, check_config_header, config_from_dict
+from .network import RoutedBase, RouterError, check_config_header, config_from_dict, load_router_dir
 
 CONFIG_NAME = "token_router_config.json"
 WEIGHTS_NAME = "token_routers.safetensors"
@@ -186,28 +185,8 @@ def is_token_router_dir(path) -> bool:
 
 def load_token_routers(directory: str | Path, model: nn.Module) -> TokenRouterNetwork:
     """Token routers saved in ``directory``, checked against the frozen ``model``."""
-    from layerroute.models import ModelFingerprint, model_fingerprint
-
-    directory = Path(directory)
-    if directory.is_file():
-        raise RouterError(f"{directory} is {describe_file(directory)}, not a token-router directory "
-                          f"(train-token-router writes one, with {CONFIG_NAME} and {WEIGHTS_NAME})")
-    if not directory.is_dir():
-        raise RouterError(f"token-router directory {directory} does not exist")
-    config = TokenRouterConfig.load(directory)
-    try:
-        ModelFingerprint.from_dict(config.model).check_matches(model_fingerprint(model), "token router")
-    except FingerprintMismatchError as exc:
-        raise RouterError(f"{directory}: {exc}") from None
-    check_weights_digest(model, config.weights_digest, directory, RouterError,
-                         f"token router ({config.base_model or 'unnamed base'})",
-                         "train the token routers again on this checkpoint (layerroute train-token-router)")
-    path = directory / WEIGHTS_NAME
-    tensors = read_safetensors(path, RouterError, f"{directory}: the token-router weights {WEIGHTS_NAME} are missing")
-    net = TokenRouterNetwork(config)
-    check_tensors(tensors, net.state_dict(), path, RouterError, CONFIG_NAME)
-    net.load_state_dict(tensors)
-    return net.to(next(model.parameters()).device).eval().requires_grad_(False)
+    return load_router_dir(directory, model, "token router", TokenRouterConfig, TokenRouterNetwork, CONFIG_NAME,
+                           WEIGHTS_NAME)
 
 
 def new_token_routers(executor: RouteExecutor, *, bottleneck: int = 64, init_logit: float = 0.0,
@@ -445,6 +424,53 @@ def _load_state(directory: Path, opt) -> None:
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
+def _resume(out: Path, executor: RouteExecutor, config: TrainTokenRouterConfig, settings: dict, net, opt):
+    """``(net, opt, start step, history)``: from the training state in ``out`` when it holds a run with the same
+    settings (refused with other settings), else the fresh ``net`` and ``opt`` at step 0."""
+    state_path = out / STATE_NAME
+    if not state_path.is_file() or config.overwrite:
+        return net, opt, 0, []
+    saved = read_json(state_path, RouterError, "")
+    if saved.get("settings") != settings:
+        diff = sorted(k for k in set(settings) | set(saved.get("settings", {}))
+                      if settings.get(k) != saved.get("settings", {}).get(k))
+        raise RouterError(f"{out} holds a token-router run with other settings ({', '.join(diff)}); pass "
+                          f"--overwrite to start again, or another --output")
+    net = load_token_routers(out, executor.model).train().requires_grad_(True)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
+    _load_state(out, opt)
+    return net, opt, int(saved["step"]), list(saved.get("history", []))
+
+
+def _train_step(executor: RouteExecutor, net, opt, train: torch.Tensor, step: int,
+                config: TrainTokenRouterConfig) -> tuple[float, float]:
+    """One optimiser step on batch ``step`` (a fresh permutation each epoch, Gumbel noise seeded by the step):
+    loss = KL from the full model + lam x executed share; returns (KL, share)."""
+    n = len(train)
+    epoch, k = divmod(step, max(1, n // config.batch_size))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+    ids = train[order[k * config.batch_size:(k + 1) * config.batch_size]].to(executor.device)
+    with torch.no_grad():
+        full = executor(ids).logits
+    noise = torch.Generator().manual_seed(config.seed * 1000003 + step)
+    logits, share = soft_walk(executor, net, ids, gate=config.gate, temperature=config.temperature, generator=noise)
+    kl = kl_from_full(full, logits)
+    loss = kl + config.lam * share
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(kl.detach()), float(share.detach())
+
+
+def _summary(config: TrainTokenRouterConfig, train_windows: int, val_windows: int, history: list) -> dict:
+    """What the config's ``training`` records: the settings and the held-out KL and share, first and last."""
+    return {"steps": config.steps, "train_windows": train_windows, "val_windows": val_windows,
+            "max_length": config.max_length, "tasks": config.tasks, "lam": config.lam, "gate": config.gate,
+            "lr": config.lr, "heldout_kl_start": history[0]["heldout_kl"], "heldout_kl_end": history[-1]["heldout_kl"],
+            "executed_share_start": history[0]["executed_share"],
+            "executed_share_end": history[-1]["executed_share"], "history": history}
+
+
 def train_token_routers(executor: RouteExecutor, train: torch.Tensor, val: torch.Tensor,
                         config: TrainTokenRouterConfig) -> tuple[TokenRouterNetwork, dict]:
     """Train token routers on windows ``train`` [N, T] (held-out ``val``) into ``config.output``.
@@ -461,44 +487,18 @@ def train_token_routers(executor: RouteExecutor, train: torch.Tensor, val: torch
     net = new_token_routers(executor, bottleneck=config.bottleneck, init_logit=config.init_logit,
                             threshold=config.threshold, rule=config.rule, base_model=config.base_model)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
-    settings, history, start = config.settings(), [], 0
+    settings = config.settings()
     val = val[:config.val_windows]
-    state_path = out / STATE_NAME
-    if state_path.is_file() and not config.overwrite:
-        saved = read_json(state_path, RouterError, "")
-        if saved.get("settings") != settings:
-            diff = sorted(k for k in set(settings) | set(saved.get("settings", {}))
-                          if settings.get(k) != saved.get("settings", {}).get(k))
-            raise RouterError(f"{out} holds a token-router run with other settings ({', '.join(diff)}); pass "
-                              f"--overwrite to start again, or another --output")
-        net = load_token_routers(out, executor.model).train().requires_grad_(True)
-        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
-        _load_state(out, opt)
-        start, history = int(saved["step"]), list(saved.get("history", []))
+    net, opt, start, history = _resume(out, executor, config, settings, net, opt)
     net.train().requires_grad_(True)
     if start == 0:
         kl, share = heldout_kl(executor, net, val)
         history.append({"step": 0, "heldout_kl": kl, "executed_share": share})
-    n = len(train)
-    per_epoch = max(1, n // config.batch_size)
     bar = tqdm(total=config.steps, initial=min(start, config.steps), desc="train-token-router", unit="step",
                disable=not config.progress)
     for step in range(start, config.steps):
-        epoch, k = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-        ids = train[order[k * config.batch_size:(k + 1) * config.batch_size]].to(executor.device)
-        with torch.no_grad():
-            full = executor(ids).logits
-        noise = torch.Generator().manual_seed(config.seed * 1000003 + step)
-        logits, share = soft_walk(executor, net, ids, gate=config.gate, temperature=config.temperature,
-                                  generator=noise)
-        kl = kl_from_full(full, logits)
-        loss = kl + config.lam * share
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        kl, share = _train_step(executor, net, opt, train, step, config)
         bar.update(1)
-        kl, share = float(kl.detach()), float(share.detach())
         bar.set_postfix(kl=f"{kl:.3f}", share=f"{share:.2f}")
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
@@ -510,11 +510,7 @@ def train_token_routers(executor: RouteExecutor, train: torch.Tensor, val: torch
             _save_state(out, net, opt, done, settings, history)
     bar.close()
     net.eval().requires_grad_(False)
-    summary = {"steps": config.steps, "train_windows": n, "val_windows": len(val), "max_length": config.max_length,
-               "tasks": config.tasks, "lam": config.lam, "gate": config.gate, "lr": config.lr,
-               "heldout_kl_start": history[0]["heldout_kl"], "heldout_kl_end": history[-1]["heldout_kl"],
-               "executed_share_start": history[0]["executed_share"],
-               "executed_share_end": history[-1]["executed_share"], "history": history}
+    summary = _summary(config, len(train), len(val), history)
     net.config.training = summary
     save_token_routers(out, net)
     return net, summary
