@@ -69,21 +69,11 @@ def run_pipeline(config: PipelineConfig, load) -> int:
 
 
 def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
-    from layerroute.evaluation import degenerate_warning, evaluate, wilson_interval
+    """The four steps, each printed with the seconds since the start, then the summary (``summary.md``, ``.json``)."""
     from layerroute.executor import RouteExecutor
-    from layerroute.objective import Objective
-    from layerroute.search import get_searcher, run_search
-    from layerroute.search.baselines import BASELINES
-    from layerroute.store import atomic_write
     from layerroute.tasks import get_task
-    from layerroute.tasks.prompts import render_prompt
-
-    from .routed_model import RoutedModel, RouterPolicy, save_routers
-    from .tau import calibrate_tau, describe as describe_tau
-    from .training import load_labels, train_routers
 
     t_start = time.perf_counter()
-    out = Path(cfg.output)
     step = lambda text: print(f"\n## {text}  [{time.perf_counter() - t_start:.0f} s]\n", flush=True)  # noqa: E731
     model, tok = load()
     ex = RouteExecutor(model)
@@ -92,6 +82,23 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
 
     step(f"1. MCTS search (edit space) on {cfg.search_limit} search-split samples: gold labels (ORACLE) and "
          f"null labels (chance)")
+    oracle = _search_labels(cfg, ex, tok, task, stores)
+    step("2. Train routers on the robust labels, then choose tau on the validation split")
+    net, report = _train_routers(cfg, ex, tok, task)
+    step(f"3. Evaluate on {cfg.test_limit} test-split samples")
+    rows = _evaluate(cfg, ex, tok, task, net)
+    step("4. Generate with the routed model")
+    route, answer = _generate(cfg, model, net, tok)
+    step("Summary")
+    _write_summary(cfg, task, ex, rows, oracle, report, route, answer, time.perf_counter() - t_start)
+    return 0
+
+
+def _search_labels(cfg: PipelineConfig, ex, tok, task, stores: dict) -> dict:
+    """Step 1: MCTS in the edit space with gold labels and with null labels; the two searches' summaries."""
+    from layerroute.objective import Objective
+    from layerroute.search import get_searcher, run_search
+
     searcher_cls = get_searcher("mcts")
     config = searcher_cls.Config(simulations=cfg.simulations)
     oracle = {}
@@ -106,8 +113,17 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
     print(f"on the searched samples: full model {100 * oracle['gold'].get('identity_accuracy', float('nan')):.1f}%, "
           f"ORACLE {100 * oracle['gold'].get('oracle_accuracy', float('nan')):.1f}% with gold labels against "
           f"{100 * oracle['null'].get('oracle_accuracy', float('nan')):.1f}% with null labels (chance)")
+    return oracle
 
-    step("2. Train routers on the robust labels, then choose tau on the validation split")
+
+def _train_routers(cfg: PipelineConfig, ex, tok, task):
+    """Step 2: routers trained on the robust labels, tau chosen on validation, saved in ``OUTPUT/routers``;
+    ``(routers, training report)``."""
+    from .routed_model import save_routers
+    from .tau import calibrate_tau, describe as describe_tau
+    from .training import load_labels, train_routers
+
+    out = Path(cfg.output)
     labels = load_labels([out / "search"], ex.fingerprint)  # robust: filtered against out/search-null
     print(f"robust labels: {labels.kept} of {labels.kept + labels.filtered} samples keep their searched route "
           f"(margin gain above {labels.threshold:.3f} nats, which at most 5% of null searches exceed)")
@@ -123,8 +139,17 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
           f"{report['best_val']['agreement']:.3f} (teacher forced), on-policy {report['on_policy_val']['agreement']:.3f}"
           + (f" -> {refine['on_policy_val_after']['agreement']:.3f} after refinement "
              f"({'kept' if refine['kept'] else 'discarded'})" if refine else ""))
+    return net, report
 
-    step(f"3. Evaluate on {cfg.test_limit} test-split samples")
+
+def _evaluate(cfg: PipelineConfig, ex, tok, task, net) -> list[dict]:
+    """Step 3: the full model, the routers and a static route at the routers' compute on the test split; rows."""
+    from layerroute.evaluation import degenerate_warning, evaluate
+    from layerroute.objective import Objective
+    from layerroute.search.baselines import BASELINES
+
+    from .routed_model import RouterPolicy
+
     test = task.split("test", cfg.seed)
     ev = dict(batch_size=cfg.batch_size, limit=cfg.test_limit)
     rows = []
@@ -147,8 +172,15 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
     static = BASELINES[cfg.baseline](cal, k, cfg.seed)
     add(f"{cfg.baseline} static route ({k} blocks)", evaluate(ex, tok, test, static, **ev),
         f"calibrated on {len(cal)} search-split samples at the routers' compute")
+    return rows
 
-    step("4. Generate with the routed model")
+
+def _generate(cfg: PipelineConfig, model, net, tok):
+    """Step 4: greedy generation from ``cfg.prompt`` with the routed model; ``(its route, the answer)``."""
+    from layerroute.tasks.prompts import render_prompt
+
+    from .routed_model import RoutedModel
+
     rm = RoutedModel(model, net, tok)
     ids = tok(render_prompt(tok, cfg.prompt), return_tensors="pt", add_special_tokens=False).input_ids
     seq = rm.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
@@ -156,8 +188,16 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
     route = rm.route(ids)[0]
     answer = tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).strip()
     print(f"prompt: {cfg.prompt}\nroute:  {route.describe()}\nanswer: {answer}")
+    return route, answer
 
-    step("Summary")
+
+def _write_summary(cfg: PipelineConfig, task, ex, rows, oracle, report, route, answer, seconds: float) -> None:
+    """The summary table (test rows, then the MCTS oracle and its null level), printed and written to
+    ``OUTPUT/summary.md`` and ``summary.json``."""
+    from layerroute.evaluation import wilson_interval
+    from layerroute.store import atomic_write
+
+    out = Path(cfg.output)
     lines = [f"Test split of {task.name} (n={rows[0]['n']}), "
              f"{cfg.model}; routers trained on {report['train_samples']} searched samples.", "",
              "| method | accuracy (95% CI) | mean blocks | share of blocks | wall time (s) |", "|---|---|---|---|---|"]
@@ -173,7 +213,7 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
                          f"({100 * lo:.1f}-{100 * hi:.1f}) | {o['mean_best_blocks']:.2f} | "
                          f"{o['mean_best_blocks'] / ex.num_layers:.2f} | |")
     lines += ["", f"Routed generation: {cfg.prompt!r} -> {answer!r} ({route.cost} blocks).",
-              f"Total time {time.perf_counter() - t_start:.0f} s."]
+              f"Total time {seconds:.0f} s."]
     table = "\n".join(lines)
     print(table)
     atomic_write(out / "summary.md", table + "\n")
@@ -183,4 +223,3 @@ def _run_pipeline(cfg: PipelineConfig, load, stores: dict) -> int:
                                                   indent=2, sort_keys=True, default=str) + "\n")
     print(f"\nwrote {out / 'summary.md'}, {out / 'summary.json'} and the routers in {out / 'routers'}",
           file=sys.stderr)
-    return 0
