@@ -63,6 +63,8 @@ def policy_type(path) -> str:
         return "static" if path.suffix == ".json" and path.name != "policy_config.json" else "?"
     if (path / "router_config.json").is_file():
         return "router"
+    if (path / "token_router_config.json").is_file():
+        return "token_router"
     try:
         return str(json.loads((path / "policy_config.json").read_text()).get("type", "?"))
     except (OSError, ValueError, AttributeError):
@@ -186,6 +188,10 @@ def eval_policy(args, ex, tok, task):
 
         cal = Objective.from_task(ex, tok, task, "search", args.calib_limit, args.seed, option="--calib-limit")
         return BASELINES[args.baseline](cal, (budget or Budget(ratio=0.8)).max_blocks(ex.num_layers), args.seed)
+    if args.router and policy_type(args.router) == "token_router":  # decides per token inside every block
+        from layerroute.routers.token_policy import TokenRouterPolicy
+
+        return TokenRouterPolicy.load(args.router, ex)
     if args.router or args.policy:
         from layerroute.policies import load_policy
         from layerroute.routers import RouterPolicy, load_routers
@@ -211,7 +217,7 @@ def _check_eval_args(args, task) -> None:
     if args.tau is not None and kind != "router":
         raise InputError("--tau is the routers' confidence threshold; " +
                          (f"{policy} is a {kind} policy, not routers" if policy else "give --router DIR"))
-    if args.router and kind != "router":
+    if args.router and kind not in ("router", "token_router"):
         _refuse_router(args.router)
     refuse_ignored(args, [("calib_limit", args.baseline, "sets the samples a --baseline is fitted on: it needs "
                                                          "--baseline")])
@@ -280,7 +286,8 @@ def build_eval(p) -> None:
     group.add_argument("--policy", default=None, help="a saved routing policy (directory with policy_config.json, "
                        "e.g. from train-ppo) or a route JSON file")
     group.add_argument("--router", default=None,
-                       help="a trained router directory (from train-router or pipeline); same as --policy DIR")
+                       help="a trained router directory (from train-router or pipeline; same as --policy DIR), or a "
+                            "token-router directory (from train-token-router: decides per token and block)")
     p.add_argument("--budget", default=None,
                    help="a share of the blocks (0.8) or a block count (24) that a --baseline (default 0.8) or "
                         "trained routers (default: their own) may run")

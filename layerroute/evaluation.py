@@ -1,5 +1,9 @@
 """Evaluate a task along routes: accuracy with a 95% CI, blocks per sample, tokens per second.
 
+A policy with ``token_executor`` (per-token routers, ``routers/token_policy.py``) decides inside every
+block instead: its executor runs the scoring, and ``mean_blocks`` is then the realised mean of
+executed blocks per real token (``per_token``), not blocks per sample.
+
 ``evaluate`` returns an ``EvalResult``. Given a ``ResultsStore`` it appends one record per
 sample as batches finish, skips samples the store already holds (a rerun resumes), and
 ``write_summary`` closes the run with its metrics.
@@ -18,7 +22,7 @@ from tqdm.auto import tqdm
 from .errors import LayerRouteError
 from .executor import RouteExecutor
 from .route import Route
-from .scoring import SampleScore, encode_texts, left_pad, score_batch, task_prompts
+from .scoring import SampleScore, encode_texts, left_pad, packing_is_exact, score_batch, task_prompts
 from .store import ResultsStore
 
 
@@ -62,14 +66,16 @@ class EvalResult:
     tokens_per_second: float
     seconds: float
     samples: list[SampleScore] = field(repr=False)
+    per_token: bool = False  # mean_blocks: executed blocks per token (per-token routers), not per sample
 
     def summary(self) -> str:
         acc = "n/a (log-likelihood task)" if self.accuracy is None else \
             f"{100 * self.accuracy:.1f}% (95% CI {100 * self.ci95[0]:.1f}-{100 * self.ci95[1]:.1f})"
         hist = ", ".join(f"{k}: {v}" for k, v in sorted(self.blocks_histogram.items()))
+        blocks = (f"  blocks/token    mean {self.mean_blocks:.2f} executed (per-token routers, realised)\n"
+                  if self.per_token else f"  blocks/sample   mean {self.mean_blocks:.2f}  (distribution {hist})\n")
         return (f"task {self.task}: n={self.n}\n  accuracy        {acc}\n"
-                f"  gold NLL/token  {self.mean_gold_nll:.4f}\n"
-                f"  blocks/sample   mean {self.mean_blocks:.2f}  (distribution {hist})\n"
+                f"  gold NLL/token  {self.mean_gold_nll:.4f}\n{blocks}"
                 f"  throughput      {self.tokens_per_second:.0f} tokens/s ({self.seconds:.1f} s)")
 
     def metrics(self) -> dict:
@@ -99,6 +105,11 @@ def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_siz
     examples = limit_examples(task.examples, limit)
     if not examples:
         raise LayerRouteError(f"task {task.name} has no examples to evaluate")
+    token_executor = getattr(routes, "token_executor", None)
+    if token_executor is not None:  # per-token routers decide inside the blocks of every walk
+        if task.kind == "choice" and task.choice_scoring == "cloze":  # packing: checked on the plain model
+            packing_is_exact(executor, tokenizer, task, examples, task_prompts(tokenizer, task, examples[:4], chat))
+        executor = token_executor(executor)
     if routes is None or isinstance(routes, (str, Route)):
         fixed = executor.route(routes)
         routes_of = lambda batch: [fixed] * len(batch)  # noqa: E731
@@ -131,9 +142,10 @@ def evaluate(executor: RouteExecutor, tokenizer, task, routes=None, *, batch_siz
         accuracy=right / len(judged) if judged else None,
         ci95=wilson_interval(right, len(judged)) if judged else None,
         mean_gold_nll=sum(s.gold_nll for s in scores) / len(scores),
-        mean_blocks=sum(s.blocks for s in scores) / len(scores),
-        blocks_histogram=dict(sorted(Counter(s.blocks for s in scores).items())),
+        mean_blocks=executor.executed_blocks() if token_executor else sum(s.blocks for s in scores) / len(scores),
+        blocks_histogram={} if token_executor else dict(sorted(Counter(s.blocks for s in scores).items())),
         tokens_per_second=new_tokens / seconds if order else 0.0, seconds=seconds, samples=scores,
+        per_token=token_executor is not None,
     )
 
 
