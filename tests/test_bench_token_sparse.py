@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from layerroute.experiments.bench_token_sparse import Shape, main, row_share_mask, token_share_mask, walk_flops
+from layerroute.experiments.bench_token_sparse import Shape, agreed_mask, main, row_share_mask, token_share_mask, walk_flops
 
 
 def test_share_masks_are_exact_and_flops_follow_the_rules():
@@ -13,6 +13,8 @@ def test_share_masks_are_exact_and_flops_follow_the_rules():
     assert (tm.sum(-1) == 5).all()
     rm = row_share_mask(8, 4, 6, 0.5, g)
     assert (rm.sum(0) == 4).all()
+    am = agreed_mask(8, 4, 6, 0.5, g)
+    assert (am.sum(1) == 2).all() and (am == am[:1]).all()  # half the blocks per step, the same for every row
     s = Shape(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
     ones = [torch.ones(1, 4, dtype=torch.bool)] * 2
     dense, _ = walk_flops(s, ones, None)
@@ -32,11 +34,13 @@ def test_benchmark_smoke_run_writes_md_and_json(tiny_dir, tmp_path):
           "--decode-prompt", "8", "--decode-new", "3", "--repeats", "1", "--threads", "1", "--name", name])
     md = (tmp_path / "bench.md").read_text()
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert md.startswith("# Token-sparse blocks") and "`python -m layerroute.experiments.bench_token_sparse" in md
+    assert md.startswith("# Token-sparse blocks") and "`OMP_NUM_THREADS=1 python -m layerroute.experiments.bench_token_sparse" in md
     assert "Run 20" in md and set(data["parts"]) == {"prefill", "decode"}
     variants = [r["variant"] for r in data["parts"]["prefill"]["rows"]]
     assert variants[0] == "dense (no mask)" and "kv-kept, 50%" in variants and "absent, 25%" in variants
     assert all(r["ideal"] >= 1.0 for r in data["parts"]["decode"]["rows"])
+    assert "absent, 50%, rows agree" in [r["variant"] for r in data["parts"]["decode"]["rows"]]
+    assert "Noise: the dense token_mask variant" in md
     # a run of one part keeps the other part of the last run, with that run's command
     main(["--model", str(tiny_dir), "--parts", "decode", "--decode-batch", "4", "--decode-prompt", "8",
           "--decode-new", "2", "--repeats", "1", "--threads", "1", "--name", name])
