@@ -30,6 +30,7 @@ its name. absent works on every family the executor runs.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -136,35 +137,86 @@ def sparse_block(layer: torch.nn.Module, hidden: torch.Tensor, execute: torch.Te
     slot ``slot`` is read and extended under ``rule``.
     """
     B, q, H = hidden.shape
-    dev = hidden.device
     kv = kv_projector(layer) if rule == KV_KEPT else None
-    counts = execute.sum(1)  # [B]
-    width = int(counts.max())
     cos, sin = (t.expand(B, q, t.shape[-1]) for t in position_embeddings)
     flat_h = hidden.reshape(B * q, H)
-
-    # Skipped tokens' K/V (kv-kept), all rows flattened: no padding, no waste.
-    skip_idx = k_skip = v_skip = None
+    skipped = None
     if rule == KV_KEPT and not bool(execute.all()):
-        skip_idx = (~execute).reshape(-1).nonzero().flatten()
-        r = cos.shape[-1]
-        k_skip, v_skip = kv(flat_h.index_select(0, skip_idx), cos.reshape(-1, r).index_select(0, skip_idx),
-                            sin.reshape(-1, r).index_select(0, skip_idx))
+        skipped = _skipped_kv(kv, execute, flat_h, cos, sin)
+    plan = _Gather.of(execute, past, hidden.device)
 
-    # Gather plan: active rows, executed tokens first in sequence order, ragged rows padded.
-    if width:
+    def chunk(k_exec, v_exec):
+        """This call's K/V for every row of the slot, [B, kvh, w, d], and their columns (absent)."""
+        if rule == KV_KEPT:
+            return _kv_kept_chunk(hidden, skipped, plan, k_exec, v_exec)
+        return plan.absent_chunk(k_exec, v_exec)
+
+    if plan is None:  # no token executes the block: kv-kept still writes every token's K/V
+        if rule == KV_KEPT:
+            _extend_slot(cache, slot, *chunk(None, None))
+        return hidden
+    m = _gathered_mask(plan, full_mask, rule, cache, slot, attn_implementation, hidden.dtype)
+
+    def merge(k_exec, v_exec):
+        k, v, _ = _extend_slot(cache, slot, *chunk(k_exec, v_exec))
+        return plan.rows(k), plan.rows(v)
+
+    out = layer(plan.tokens(hidden), attention_mask=m, position_ids=plan.tokens(position_ids),
+                position_embeddings=(plan.tokens(cos), plan.tokens(sin)),
+                cache=_GatheredSlot(merge), use_cache=True)
+    out = out[0] if isinstance(out, tuple) else out
+    out = out.reshape(-1, H)
+    if plan.exec_sel is not None:
+        out = out.index_select(0, plan.exec_sel)
+    return flat_h.index_copy(0, plan.flat_exec, out).view(B, q, H)
+
+
+def _skipped_kv(kv, execute: torch.Tensor, flat_h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """kv-kept: the skipped tokens' flat indices in [B * q] and their K/V [N, kvh, d], all rows
+    flattened (no padding, no waste)."""
+    skip_idx = (~execute).reshape(-1).nonzero().flatten()
+    r = cos.shape[-1]
+    k_skip, v_skip = kv(flat_h.index_select(0, skip_idx), cos.reshape(-1, r).index_select(0, skip_idx),
+                        sin.reshape(-1, r).index_select(0, skip_idx))
+    return skip_idx, k_skip, v_skip
+
+
+@dataclass(frozen=True)
+class _Gather:
+    """Where a block's gathered tokens come from: the active rows (rows with an executed token;
+    None: all ``B``), ``idx`` [A, n] the columns of each row's executed tokens first in sequence
+    order (ragged rows padded to ``width`` = n), ``valid`` [A, n] (None: no padding),
+    ``flat_exec`` their positions in the flattened [B * q] (``exec_sel`` picks the valid ones
+    of [A * n]), and ``new_cols`` [A, n] the key columns they add under absent (-1: padding)."""
+
+    B: int
+    q: int
+    width: int
+    active: torch.Tensor | None
+    idx: torch.Tensor
+    valid: torch.Tensor | None
+    flat_exec: torch.Tensor
+    exec_sel: torch.Tensor | None
+    new_cols: torch.Tensor
+    device: torch.device
+
+    @classmethod
+    def of(cls, execute: torch.Tensor, past: int, dev: torch.device) -> _Gather | None:
+        """The gather plan of ``execute`` [B, q] on ``dev``; None when no token executes the block."""
+        B, q = execute.shape
+        counts = execute.sum(1)  # [B]
+        width = int(counts.max())
+        if not width:
+            return None
         active = None if bool((counts > 0).all()) else (counts > 0).nonzero().flatten()
-        A = B if active is None else active.numel()
-
-        def rows(t):
-            return t if active is None else t.index_select(0, active)
-
-        ex_a = rows(execute)
+        ex_a = execute if active is None else execute.index_select(0, active)
+        A = ex_a.shape[0]
         if width == q and bool(ex_a.all()):
             idx, valid = torch.arange(q, device=dev).expand(A, q), None
         else:
             idx = torch.sort((~ex_a).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # [A, n]
-            valid = torch.arange(width, device=dev)[None] < rows(counts)[:, None]
+            counts_a = counts if active is None else counts.index_select(0, active)
+            valid = torch.arange(width, device=dev)[None] < counts_a[:, None]
             if bool(valid.all()):
                 valid = None
         base = (torch.arange(B, device=dev) if active is None else active)[:, None] * q
@@ -172,81 +224,85 @@ def sparse_block(layer: torch.nn.Module, hidden: torch.Tensor, execute: torch.Te
         exec_sel = None if valid is None else valid.reshape(-1).nonzero().flatten()
         if exec_sel is not None:
             flat_exec = flat_exec.index_select(0, exec_sel)
-        new_cols = past + idx if valid is None else torch.where(valid, past + idx, -1)  # absent: key columns
+        new_cols = past + idx if valid is None else torch.where(valid, past + idx, -1)
+        return cls(B, q, width, active, idx, valid, flat_exec, exec_sel, new_cols, dev)
 
-    def chunk(k_exec, v_exec):
-        """This call's K/V for every row of the slot, [B, kvh, w, d], and their columns (absent)."""
-        if rule == KV_KEPT:
-            kvh, d = (k_exec.shape[1], k_exec.shape[3]) if k_exec is not None else k_skip.shape[1:]
-            ks, vs = hidden.new_empty(B * q, kvh, d), hidden.new_empty(B * q, kvh, d)
-            if k_skip is not None:
-                ks.index_copy_(0, skip_idx, k_skip)
-                vs.index_copy_(0, skip_idx, v_skip)
-            if k_exec is not None:
-                ke, ve = (t.transpose(1, 2).reshape(-1, kvh, d) for t in (k_exec, v_exec))
-                if exec_sel is not None:
-                    ke, ve = ke.index_select(0, exec_sel), ve.index_select(0, exec_sel)
-                ks.index_copy_(0, flat_exec, ke)
-                vs.index_copy_(0, flat_exec, ve)
-            return ks.view(B, q, kvh, d).transpose(1, 2), vs.view(B, q, kvh, d).transpose(1, 2), None
-        cols = new_cols
-        if active is not None:
-            k_exec = k_exec.new_zeros(B, *k_exec.shape[1:]).index_copy_(0, active, k_exec)
-            v_exec = v_exec.new_zeros(B, *v_exec.shape[1:]).index_copy_(0, active, v_exec)
-            cols = cols.new_full((B, width), -1).index_copy_(0, active, cols)
+    @property
+    def A(self) -> int:
+        return self.idx.shape[0]
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The active rows of a [B, ...] tensor."""
+        return t if self.active is None else t.index_select(0, self.active)
+
+    def tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The gathered tokens of a [B, q, ...] tensor: [A, n, ...]."""
+        t = self.rows(t)
+        if t.dim() == 2:
+            return t.gather(1, self.idx)
+        return t.gather(1, self.idx[..., None].expand(self.A, self.width, t.shape[-1]))
+
+    def absent_chunk(self, k_exec: torch.Tensor, v_exec: torch.Tensor):
+        """absent: the executed tokens' K/V [B, kvh, n, d] and key columns [B, n], inactive rows
+        as padding (zeros, column -1)."""
+        cols = self.new_cols
+        if self.active is not None:
+            k_exec = k_exec.new_zeros(self.B, *k_exec.shape[1:]).index_copy_(0, self.active, k_exec)
+            v_exec = v_exec.new_zeros(self.B, *v_exec.shape[1:]).index_copy_(0, self.active, v_exec)
+            cols = cols.new_full((self.B, self.width), -1).index_copy_(0, self.active, cols)
         return k_exec, v_exec, cols
 
-    stored = {}
 
-    def append(ck, cv, ccols):
-        """Extend the slot (or, without a cache, just use this call's K/V)."""
-        if cache is None:
-            stored.update(k=ck, v=cv, cols=ccols)
-            return
-        old_k, old_v, old_c = cache.keys[slot], cache.values[slot], cache.columns[slot]
-        if old_k is not None:
-            ck, cv = torch.cat([old_k, ck], dim=-2), torch.cat([old_v, cv], dim=-2)
-            if ccols is not None:
-                ccols = torch.cat([old_c, ccols], dim=1)
-        cache.keys[slot], cache.values[slot], cache.columns[slot] = ck, cv, ccols
-        stored.update(k=ck, v=cv, cols=ccols)
+def _kv_kept_chunk(hidden: torch.Tensor, skipped, plan: _Gather | None, k_exec, v_exec):
+    """kv-kept: every token's K/V [B, kvh, q, d] in sequence order, the skipped tokens' (``skipped``
+    from ``_skipped_kv``, or None) merged with the executed ones' (None when none executes)."""
+    B, q = hidden.shape[:2]
+    skip_idx, k_skip, v_skip = skipped if skipped is not None else (None, None, None)
+    kvh, d = (k_exec.shape[1], k_exec.shape[3]) if k_exec is not None else k_skip.shape[1:]
+    ks, vs = hidden.new_empty(B * q, kvh, d), hidden.new_empty(B * q, kvh, d)
+    if k_skip is not None:
+        ks.index_copy_(0, skip_idx, k_skip)
+        vs.index_copy_(0, skip_idx, v_skip)
+    if k_exec is not None:
+        ke, ve = (t.transpose(1, 2).reshape(-1, kvh, d) for t in (k_exec, v_exec))
+        if plan.exec_sel is not None:
+            ke, ve = ke.index_select(0, plan.exec_sel), ve.index_select(0, plan.exec_sel)
+        ks.index_copy_(0, plan.flat_exec, ke)
+        vs.index_copy_(0, plan.flat_exec, ve)
+    return ks.view(B, q, kvh, d).transpose(1, 2), vs.view(B, q, kvh, d).transpose(1, 2), None
 
-    if not width:  # no token executes the block: kv-kept still writes every token's K/V
-        if rule == KV_KEPT:
-            append(*chunk(None, None))
-        return hidden
 
-    # Rows of the mask for the gathered queries; absent also selects its keys by column.
-    m = rows(full_mask)
+def _extend_slot(cache, slot: int | None, ck: torch.Tensor, cv: torch.Tensor, ccols: torch.Tensor | None):
+    """Extend the cache's slot with this call's K/V (and columns) and return the slot's whole
+    K/V and columns; without a cache, this call's K/V are the whole."""
+    if cache is None:
+        return ck, cv, ccols
+    old_k, old_v, old_c = cache.keys[slot], cache.values[slot], cache.columns[slot]
+    if old_k is not None:
+        ck, cv = torch.cat([old_k, ck], dim=-2), torch.cat([old_v, cv], dim=-2)
+        if ccols is not None:
+            ccols = torch.cat([old_c, ccols], dim=1)
+    cache.keys[slot], cache.values[slot], cache.columns[slot] = ck, cv, ccols
+    return ck, cv, ccols
+
+
+def _gathered_mask(plan: _Gather, full_mask: torch.Tensor, rule: str, cache, slot: int | None,
+                   attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The mask rows of the gathered queries, [A, 1, n, past + q]; absent also selects its keys by
+    column, [A, 1, n, S]. Bool for sdpa, additive float otherwise."""
+    A, width, idx, dev = plan.A, plan.width, plan.idx, plan.device
+    m = plan.rows(full_mask)
     K = m.shape[-1]
     m = m.gather(2, idx[:, None, :, None].expand(A, 1, width, K))  # [A, 1, n, past + q]
     if rule == ABSENT:
         old = None if cache is None else cache.columns[slot]
-        cols = new_cols if old is None else torch.cat([rows(old), new_cols], dim=1)  # [A, S]
+        cols = plan.new_cols if old is None else torch.cat([plan.rows(old), plan.new_cols], dim=1)  # [A, S]
         S = cols.shape[1]
         m = m.gather(3, cols.clamp(min=0)[:, None, None, :].expand(A, 1, width, S)) & (cols >= 0)[:, None, None, :]
-        if valid is not None:  # a padding query sees itself, so that no row of the softmax is empty
+        if plan.valid is not None:  # a padding query sees itself, so that no row of the softmax is empty
             own = torch.zeros(A, 1, width, S, dtype=torch.bool, device=dev)
-            own[..., S - width:] = torch.eye(width, dtype=torch.bool, device=dev) & ~valid[:, None, :, None]
+            own[..., S - width:] = torch.eye(width, dtype=torch.bool, device=dev) & ~plan.valid[:, None, :, None]
             m = m | own
     if attn_implementation != "sdpa":
-        m = torch.zeros(m.shape, dtype=hidden.dtype, device=dev).masked_fill(~m, torch.finfo(hidden.dtype).min)
-
-    def merge(k_exec, v_exec):
-        append(*chunk(k_exec, v_exec))
-        return rows(stored["k"]), rows(stored["v"])
-
-    def gather_tokens(t):  # [B, q, ...] -> [A, n, ...]
-        t = rows(t)
-        if t.dim() == 2:
-            return t.gather(1, idx)
-        return t.gather(1, idx[..., None].expand(A, width, t.shape[-1]))
-
-    out = layer(gather_tokens(hidden), attention_mask=m, position_ids=gather_tokens(position_ids),
-                position_embeddings=(gather_tokens(cos), gather_tokens(sin)),
-                cache=_GatheredSlot(merge), use_cache=True)
-    out = out[0] if isinstance(out, tuple) else out
-    out = out.reshape(-1, H)
-    if exec_sel is not None:
-        out = out.index_select(0, exec_sel)
-    return flat_h.index_copy(0, flat_exec, out).view(B, q, H)
+        m = torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill(~m, torch.finfo(dtype).min)
+    return m
