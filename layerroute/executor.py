@@ -112,6 +112,16 @@ class RouteKVCache:
         cache.growing = True
         return cache
 
+    def grow(self, schedule: list[Step], attention_mask: torch.Tensor) -> int:
+        """Append empty slots for ``schedule``'s steps to a growing cache and return the first's index."""
+        first = len(self.schedule)
+        self.schedule += schedule
+        self.keys += [None] * len(schedule)
+        self.values += [None] * len(schedule)
+        self.columns += [None] * len(schedule)
+        self.attention_mask = attention_mask
+        return first
+
     def close(self, chains: Chains) -> RouteKVCache:
         """Fix the routes of a walked cache; its steps must be the ones ``plan_schedule`` gives for
         ``chains``, so that decoding continues exactly as after a one-call prefill."""
@@ -344,53 +354,32 @@ class RouteExecutor:
         chains = self._chains(chains, state.hidden.shape[0], allow_empty=True)
         if cache is not None:
             _check_cache_rule(cache, token_rule if token_mask is not None else DENSE)
-        first = 0
         if cache is None or cache.growing:
             schedule = plan_schedule(chains, self.device)
-            if cache is not None:
-                first = len(cache.schedule)
-                cache.schedule += schedule
-                cache.keys += [None] * len(schedule)
-                cache.values += [None] * len(schedule)
-                cache.columns += [None] * len(schedule)
-                cache.attention_mask = state.attention_mask
+            first = 0 if cache is None else cache.grow(schedule, state.attention_mask)
         else:
-            schedule = cache.schedule
+            schedule, first = cache.schedule, 0
         hidden, q, st = state.hidden, state.hidden.shape[1], self.stack
         tm = self._token_mask(token_mask, hidden.shape[0], state.past + q)
         sparse = tm is not None and token_rule != DENSE
         full_masks: dict = {}  # window -> bool mask over all columns, for the sparse blocks
         for s, step in enumerate(schedule):
             layer, rows = step.layer, step.rows
-            window, rtype = st.windows[layer], st.layer_types[layer]
-            pe = state.position_embeddings.get(rtype, state.position_embeddings.get("*"))
-            mask = state.masks[window]
-            h, pos = hidden, state.position_ids
-            if rows is not None:
-                h, pos = h.index_select(0, rows), pos.index_select(0, rows)
-                pe = tuple(t.index_select(0, rows) if t.shape[0] > 1 else t for t in pe)
-                mask = None if mask is None else mask.index_select(0, rows)
+            h, pos, pe, mask = _step_inputs(st, state, hidden, step)
             if sparse:
-                if window not in full_masks:
-                    full_masks[window] = bool_mask(state.masks[window], lambda: _build_mask(
-                        state.attention_mask, state.past, q, window, "sdpa", hidden.dtype, allow_none=False))
-                full = full_masks[window] if rows is None else full_masks[window].index_select(0, rows)
+                full = _full_mask(full_masks, state, st.windows[layer], rows, hidden.dtype)
                 keep = _keep(tm, layer, h, rows, state.past, q)
                 out = sparse_block(st.layers[layer], h, keep, full, rule=token_rule,
                                    attn_implementation=st.attn_implementation, position_ids=pos,
                                    position_embeddings=pe, past=state.past, cache=cache, slot=first + s)
-                hidden = out if rows is None else hidden.index_copy(0, rows, out)
-                if record is not None:
-                    for b in step.row_list:
-                        record[b].append(hidden[b])
-                continue
-            out = st.layers[layer](
-                h, attention_mask=mask, position_ids=pos, position_embeddings=pe,
-                cache=None if cache is None else cache.slot(first + s), use_cache=cache is not None,
-            )
-            out = out[0] if isinstance(out, tuple) else out
-            if tm is not None:
-                out = torch.where(_keep(tm, layer, h, rows, state.past, q)[..., None], out, h)
+            else:
+                out = st.layers[layer](
+                    h, attention_mask=mask, position_ids=pos, position_embeddings=pe,
+                    cache=None if cache is None else cache.slot(first + s), use_cache=cache is not None,
+                )
+                out = out[0] if isinstance(out, tuple) else out
+                if tm is not None:
+                    out = torch.where(_keep(tm, layer, h, rows, state.past, q)[..., None], out, h)
             hidden = out if rows is None else hidden.index_copy(0, rows, out)
             if record is not None:
                 for b in step.row_list:
@@ -474,56 +463,26 @@ class RouteExecutor:
         e.g. from a routing walk), so the prompt is not run again. ``stop``: called after each new
         token with the sequences so far [B, T + n]; rows where it returns True finish as on EOS.
         """
-        from transformers.generation.logits_process import (
-            LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
         _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
         check_rule(token_rule)
-        self._check_ids(input_ids)
-        batch = input_ids.shape[0]
-        routes = self._routes(routes, batch)
-        ids = input_ids.to(self.device)
-        mask = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
-                else attention_mask.to(self.device).bool())
-        check_left_padded(mask)
-        if token_mask is not None and not callable(token_mask):
-            check_token_mask(token_mask)
-        if token_mask is not None and not callable(token_mask) and token_mask.shape[-1] < ids.shape[1] + max_new_tokens:
-            raise RouteError(f"token_mask covers {token_mask.shape[-1]} tokens but prompt plus new tokens "
-                             f"need {ids.shape[1] + max_new_tokens}")
-        warpers = LogitsProcessorList()
-        if do_sample:
-            if temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                warpers.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        eos = torch.tensor([] if eos_token_id is None else
-                           ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-                           device=self.device, dtype=torch.long)
-        pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+        ids, mask, routes = self._generation_inputs(input_ids, attention_mask, routes, token_mask, max_new_tokens)
+        batch = ids.shape[0]
+        warpers = _warpers(do_sample, temperature, top_k, top_p)
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        eos, pad = self._eos_and_pad(eos_token_id, pad_token_id)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         cache, step_logits, fed = None, [], ids
         if prefill is not None:
-            if not use_cache or token_mask is not None:
-                raise RouteError("a prefill is reused only by cached decoding without a token mask")
-            if prefill.cache is None or prefill.cache.chains != self._chains(routes, batch) \
-                    or prefill.cache.seq_length != ids.shape[1]:
-                raise RouteError("the prefill was not made for these prompts along these routes")
+            self._check_prefill(prefill, routes, ids, use_cache, token_mask)
         for step in range(max_new_tokens):
             if step == 0 and prefill is not None:
                 out = prefill
-                cache = out.cache
             elif use_cache:
                 out = self.forward(fed, mask, routes, token_mask=token_mask, cache=cache, use_cache=True,
                                    logits_to_keep=1, token_rule=token_rule)
-                cache = out.cache
             else:
                 out = self.forward(ids, mask, routes, token_mask=token_mask, logits_to_keep=1, token_rule=token_rule)
+            cache = out.cache  # None when decoding uncached
             logits = out.logits[:, -1].float()
             if output_logits:
                 step_logits.append(logits)
@@ -542,6 +501,41 @@ class RouteExecutor:
             if bool(finished.all()):
                 break
         return Generation(ids, torch.stack(step_logits, dim=1) if output_logits else None)
+
+    def _generation_inputs(self, input_ids, attention_mask, routes, token_mask, max_new_tokens: int):
+        """``generate``'s prompts on the device, their bool mask (left padding only) and one route per
+        sample; a token mask tensor must cover prompt and new tokens."""
+        self._check_ids(input_ids)
+        batch = input_ids.shape[0]
+        routes = self._routes(routes, batch)
+        ids = input_ids.to(self.device)
+        mask = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
+                else attention_mask.to(self.device).bool())
+        check_left_padded(mask)
+        if token_mask is not None and not callable(token_mask):
+            check_token_mask(token_mask)
+        if token_mask is not None and not callable(token_mask) and token_mask.shape[-1] < ids.shape[1] + max_new_tokens:
+            raise RouteError(f"token_mask covers {token_mask.shape[-1]} tokens but prompt plus new tokens "
+                             f"need {ids.shape[1] + max_new_tokens}")
+        return ids, mask, routes
+
+    def _eos_and_pad(self, eos_token_id, pad_token_id) -> tuple[torch.Tensor, int]:
+        """The end-of-sequence ids as a tensor (possibly empty) and the id that pads finished rows
+        (``pad_token_id``, else the first EOS id, else 0)."""
+        eos = torch.tensor([] if eos_token_id is None else
+                           ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+                           device=self.device, dtype=torch.long)
+        pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+        return eos, pad
+
+    def _check_prefill(self, prefill: RoutedOutput, routes, ids: torch.Tensor, use_cache: bool, token_mask) -> None:
+        """A prefill must carry the cache of exactly these prompts along these routes, for cached
+        decoding without a token mask."""
+        if not use_cache or token_mask is not None:
+            raise RouteError("a prefill is reused only by cached decoding without a token mask")
+        if prefill.cache is None or prefill.cache.chains != self._chains(routes, ids.shape[0]) \
+                or prefill.cache.seq_length != ids.shape[1]:
+            raise RouteError("the prefill was not made for these prompts along these routes")
 
     # ---- input checks -----------------------------------------------------------------------
     def _check_ids(self, input_ids) -> None:
@@ -609,6 +603,29 @@ def _keep(tm, layer: int, h: torch.Tensor, rows, past: int, q: int) -> torch.Ten
     return keep if rows is None else keep.index_select(0, rows)
 
 
+def _step_inputs(st: DecoderStack, state: RouteState, hidden: torch.Tensor, step: Step):
+    """The inputs of ``step``'s block on its rows: hidden [rows, T, H], positions, rotary tables
+    for the block's layer type, and the attention mask for its window (None: sdpa's causal path)."""
+    window, rtype = st.windows[step.layer], st.layer_types[step.layer]
+    pe = state.position_embeddings.get(rtype, state.position_embeddings.get("*"))
+    mask = state.masks[window]
+    h, pos, rows = hidden, state.position_ids, step.rows
+    if rows is not None:
+        h, pos = h.index_select(0, rows), pos.index_select(0, rows)
+        pe = tuple(t.index_select(0, rows) if t.shape[0] > 1 else t for t in pe)
+        mask = None if mask is None else mask.index_select(0, rows)
+    return h, pos, pe, mask
+
+
+def _full_mask(full_masks: dict, state: RouteState, window, rows, dtype) -> torch.Tensor:
+    """The bool mask over all columns for ``window`` on ``rows`` (None: all), which a token-sparse
+    block gathers from; built once per window and remembered in ``full_masks``."""
+    if window not in full_masks:
+        full_masks[window] = bool_mask(state.masks[window], lambda: _build_mask(
+            state.attention_mask, state.past, state.hidden.shape[1], window, "sdpa", dtype, allow_none=False))
+    return full_masks[window] if rows is None else full_masks[window].index_select(0, rows)
+
+
 def _check_cache_rule(cache: RouteKVCache, rule: str) -> None:
     """A cache filled under the absent rule stores only executed tokens' K/V; the dense and kv-kept
     rules store every token's. A sequence keeps the layout it was prefilled with."""
@@ -627,6 +644,22 @@ def check_left_padded(attention_mask: torch.Tensor) -> None:
         raise InputError(f"attention_mask is padded on the right (sample {rows[0]} ends in padding); generation "
                          f"needs left padding: tokenize with padding_side='left' (tokenizer(..., padding=True, "
                          f"padding_side='left'))")
+
+
+def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+    """The logits warpers of sampled decoding (none for greedy decoding), as transformers applies them."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList()
+    if do_sample:
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+    return warpers
 
 
 def _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
