@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import InputError, LayerRouteError
@@ -331,7 +332,10 @@ def add_task_args(p: argparse.ArgumentParser, output: str = "a directory for res
 
 
 def task_options(args) -> dict:
-    """The options ``get_task`` takes from the task arguments."""
+    """The options ``get_task`` takes from the task arguments: parsed arguments, or a mapping of the
+    same names (a results store's header ``settings``; a name it lacks was not given)."""
+    if isinstance(args, Mapping):
+        args = argparse.Namespace(**{"fields": None, **args})
     options = {"seed": args.seed}
     if args.fields:
         options["fields"] = dict(kv.split("=", 1) for kv in args.fields.split(","))

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from layerroute.args import task_options
 from layerroute.errors import RouteError
 from layerroute.executor import RouteExecutor
 from layerroute.route import Route
@@ -107,25 +108,12 @@ def _robust_filter(path, header: dict, null) -> float | None:
 def load_labels(stores, fingerprint=None, null=None, robust: bool = True) -> Labels:
     """Per-sample routes from one or more results stores of the same task (see the module docstring);
     ``null``: the null searches' stores for the robust filter (default: each store's ``DIR-null``)."""
-    from layerroute.search.labels import LabelError, is_null_store, robust_layers
-
     if isinstance(stores, (str, bytes)) or hasattr(stores, "is_dir"):
         stores = [stores]
     found: Labels | None = None
     for path in stores:
         header, records = read_store(path)
-        if is_null_store(header):
-            raise LabelError(f"{path} was searched with --null (a random wrong label per sample): it measures "
-                             f"chance and must never become router labels")
-        settings = header.get("settings") or {}
-        spec = settings.get("task") or header.get("task")
-        if not spec:
-            raise RouterError(f"{path}: the store's header names no task, so its samples cannot be found")
-        options = {"seed": int(settings.get("seed", header.get("seed", 0)))}
-        if settings.get("fields"):
-            options["fields"] = dict(kv.split("=", 1) for kv in settings["fields"].split(","))
-        if settings.get("kind"):
-            options["kind"] = settings["kind"]
+        spec, options = _store_task(path, header)
         if found is None:
             found = Labels(spec, options, options["seed"], {}, {})
         elif (spec, options) != (found.task_spec, found.task_options):
@@ -136,42 +124,77 @@ def load_labels(stores, fingerprint=None, null=None, robust: bool = True) -> Lab
 
             ModelFingerprint.from_dict(header["model"]).check_matches(fingerprint, "label store")
         task = found.task()
+        settings = header.get("settings") or {}
         split = header.get("split", settings.get("split", "search"))
-        target = found.validation if split == "validation" else found.search
-        uids = {ex.uid for ex in task.examples}
-        per_sample = {r["key"]: _record_layers(r) for r in records
-                      if r.get("type") != "summary" and r.get("key") in uids and _record_layers(r)}
-        oracle = [r for r in records if r.get("key") in per_sample and "identity" in r and "margin" in r]
-        if oracle and robust:
-            found.threshold = _robust_filter(path, header, null)
-            for r in oracle:
-                L = int(r.get("num_layers") or (header.get("model") or {}).get("num_layers"))
-                layers = robust_layers(r, found.threshold, L)
-                per_sample[r["key"]] = layers
-                edited = layers != tuple(range(L))
-                found.kept += edited
-                found.filtered += not edited
-        unknown = sum(1 for r in records if _record_layers(r) and r.get("key") not in uids and r.get("type") != "summary")
-        if per_sample and unknown:
-            warnings.warn(f"{path}: {unknown} routes name samples that task {spec!r} does not have (was the task "
-                          f"changed since the search?); they are ignored", stacklevel=2)
+        per_sample = _per_sample_routes(path, header, records, task, found, null, robust)
         if not per_sample:  # one route for the whole split (Optuna, baselines, random search)
-            summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
-            layers = _record_layers(summary or {})
-            if layers is None:
-                raise RouterError(f"{path} has neither per-sample routes nor a summary route to learn from")
-            examples = task.split(split, found.seed).examples if split != "all" else task.examples
-            limit = settings.get("limit")
-            per_sample = {ex.uid: layers for ex in examples[:limit]}
-        for uid, layers in per_sample.items():
-            chain = tuple(int(i) for i in layers)
-            if any(a > b for a, b in zip(chain, chain[1:])):
-                found.skipped += 1
-                continue
-            target[uid] = chain
+            per_sample = _split_routes(path, records, task, split, found.seed, settings.get("limit"))
+        _add_routes(found, found.validation if split == "validation" else found.search, per_sample)
     if not found.search and not found.validation:
         raise RouterError("the label stores hold no in-order routes to learn from")
     return found
+
+
+def _store_task(path, header: dict) -> tuple[str, dict]:
+    """The task spec a store's header names and ``get_task``'s options for reading it as the search
+    did (``task_options`` of its settings; the seed: the settings', else the header's, else 0)."""
+    from layerroute.search.labels import LabelError, is_null_store
+
+    if is_null_store(header):
+        raise LabelError(f"{path} was searched with --null (a random wrong label per sample): it measures "
+                         f"chance and must never become router labels")
+    settings = header.get("settings") or {}
+    spec = settings.get("task") or header.get("task")
+    if not spec:
+        raise RouterError(f"{path}: the store's header names no task, so its samples cannot be found")
+    return spec, task_options({**settings, "seed": int(settings.get("seed", header.get("seed", 0)))})
+
+
+def _per_sample_routes(path, header: dict, records: list, task, found: Labels, null, robust: bool) -> dict:
+    """uid -> layers of the store's per-sample records for samples of ``task`` (robust-filtered when
+    ``robust`` and the records are an oracle search's; counted in ``found``); warns about records
+    naming samples the task lacks."""
+    from layerroute.search.labels import robust_layers
+
+    uids = {ex.uid for ex in task.examples}
+    per_sample = {r["key"]: _record_layers(r) for r in records
+                  if r.get("type") != "summary" and r.get("key") in uids and _record_layers(r)}
+    oracle = [r for r in records if r.get("key") in per_sample and "identity" in r and "margin" in r]
+    if oracle and robust:
+        found.threshold = _robust_filter(path, header, null)
+        for r in oracle:
+            L = int(r.get("num_layers") or (header.get("model") or {}).get("num_layers"))
+            layers = robust_layers(r, found.threshold, L)
+            per_sample[r["key"]] = layers
+            edited = layers != tuple(range(L))
+            found.kept += edited
+            found.filtered += not edited
+    unknown = sum(1 for r in records if _record_layers(r) and r.get("key") not in uids and r.get("type") != "summary")
+    if per_sample and unknown:
+        warnings.warn(f"{path}: {unknown} routes name samples that task {found.task_spec!r} does not have (was the "
+                      f"task changed since the search?); they are ignored", stacklevel=3)
+    return per_sample
+
+
+def _split_routes(path, records: list, task, split: str, seed: int, limit) -> dict:
+    """A store without per-sample routes: its summary route for each of the first ``limit`` examples
+    of ``split``."""
+    summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
+    layers = _record_layers(summary or {})
+    if layers is None:
+        raise RouterError(f"{path} has neither per-sample routes nor a summary route to learn from")
+    examples = task.split(split, seed).examples if split != "all" else task.examples
+    return {ex.uid: layers for ex in examples[:limit]}
+
+
+def _add_routes(found: Labels, target: dict, per_sample: dict) -> None:
+    """Put each in-order route into ``target`` (uid -> chain); count reordered ones as skipped."""
+    for uid, layers in per_sample.items():
+        chain = tuple(int(i) for i in layers)
+        if any(a > b for a, b in zip(chain, chain[1:])):
+            found.skipped += 1
+            continue
+        target[uid] = chain
 
 
 def pass_counts(chains, num_layers: int) -> torch.Tensor:
@@ -311,6 +334,22 @@ def on_policy_agreement(net: RouterNetwork, executor, tokenizer, task, examples,
     return {**agreement(actions_of(pred), actions_of(counts)), "mean_blocks": float(pred.sum(1).float().mean())}
 
 
+def _split_ids(labels: Labels, val_share: float, seed: int) -> tuple[list[str], list[str], bool]:
+    """Train and validation uids (sorted), and whether the validation ones were held out: the labels'
+    validation split, else a seeded ``val_share`` of the training samples."""
+    train_ids = sorted(labels.search)
+    val_ids = sorted(labels.validation)
+    held_out = not val_ids
+    if held_out:
+        shuffled = train_ids[:]
+        random.Random(seed).shuffle(shuffled)
+        k = max(1, round(val_share * len(shuffled)))
+        if len(shuffled) - k < 1:
+            raise RouterError(f"only {len(shuffled)} labelled samples: too few to hold out a validation share")
+        val_ids, train_ids = sorted(shuffled[:k]), sorted(shuffled[k:])
+    return train_ids, val_ids, held_out
+
+
 def train_routers(executor: RouteExecutor, tokenizer, labels: Labels, *, bottleneck: int = 128, windows: int = 8,
                   dropout: float = 0.0, budget=None, epochs: int = 20, batch_size: int = 32, lr: float = 1e-3,
                   weight_decay: float = 0.01, patience: int = 5, refine_epochs: int = 5, val_share: float = 0.2,
@@ -322,16 +361,7 @@ def train_routers(executor: RouteExecutor, tokenizer, labels: Labels, *, bottlen
     torch.manual_seed(seed)
     task = task if task is not None else labels.task()
     by_uid = {ex.uid: ex for ex in task.examples}
-    train_ids = sorted(labels.search)
-    val_ids = sorted(labels.validation)
-    held_out = not val_ids
-    if held_out:
-        shuffled = train_ids[:]
-        random.Random(seed).shuffle(shuffled)
-        k = max(1, round(val_share * len(shuffled)))
-        if len(shuffled) - k < 1:
-            raise RouterError(f"only {len(shuffled)} labelled samples: too few to hold out a validation share")
-        val_ids, train_ids = sorted(shuffled[:k]), sorted(shuffled[k:])
+    train_ids, val_ids, held_out = _split_ids(labels, val_share, seed)
     chains = {**labels.search, **labels.validation}
     L = executor.num_layers
     c_train, c_val = pass_counts([chains[u] for u in train_ids], L), pass_counts([chains[u] for u in val_ids], L)

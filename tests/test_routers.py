@@ -214,8 +214,9 @@ def test_class_weights_follow_the_loaded_counts_and_focal_loss_weights_classes()
     assert focal_loss(logits, target, torch.ones(3), gamma=2.0) < ce.mean()
 
 
-def _store(path, task_spec, records, split="search", limit=None, digest=None):
-    header = {"kind": "search:mcts", "settings": {"task": task_spec, "seed": 0, "limit": limit}, "model": {},
+def _store(path, task_spec, records, split="search", limit=None, digest=None, settings=None):
+    header = {"kind": "search:mcts", "settings": {"task": task_spec, "seed": 0, "limit": limit, **(settings or {})},
+              "model": {},
               "task": task_spec, "split": split, "seed": 0, "weights_digest": digest}
     with ResultsStore(path, header) as store:
         for r in records:
@@ -242,6 +243,32 @@ def test_labels_from_per_sample_and_summary_stores(tmp_path):
     with pytest.raises(RouterError, match="one task per router"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the unknown sample, warned about above
         load_labels([tmp_path / "mcts", tmp_path / "other"])
+
+
+def test_labels_read_the_task_as_its_search_did(tmp_path):
+    """A store's settings say how the task was read (fields, kind, scoring, extractor); its labels read it so."""
+    from layerroute.tasks import get_task
+
+    choice = tmp_path / "choice.jsonl"
+    choice.write_text("".join(json.dumps({"q": f"Pick {i}", "opts": ["x", "y"], "a": "A"}) + "\n" for i in range(10)))
+    settings = {"fields": "question=q,choices=opts,answer=a", "kind": "choice", "scoring": "cloze", "extract": None,
+                "skip_bad_rows": False}
+    uid = get_task(f"jsonl:{choice}", fields={"question": "q", "choices": "opts", "answer": "a"},
+                   kind="choice").split("search").examples[0].uid
+    _store(tmp_path / "cloze", f"jsonl:{choice}", [{"key": uid, "layers": [0, 1]}], settings=settings)
+    labels = load_labels(tmp_path / "cloze")
+    assert labels.task_options == {"seed": 0, "fields": {"question": "q", "choices": "opts", "answer": "a"},
+                                   "kind": "choice", "choice_scoring": "cloze"}
+    assert labels.task().choice_scoring == "cloze" and labels.search == {uid: (0, 1)}
+
+    words = tmp_path / "words.jsonl"  # gold answers with no number: only the first_word extractor reads them
+    words.write_text("".join(json.dumps({"question": f"Capital {i}?", "answer": "Paris"}) + "\n" for i in range(10)))
+    uid = get_task(f"jsonl:{words}", extract="first_word").split("search").examples[0].uid
+    _store(tmp_path / "words", f"jsonl:{words}", [{"key": uid, "layers": [0]}],
+           settings={"extract": "first_word", "seed": 3})
+    labels = load_labels(tmp_path / "words")
+    assert labels.task_options == {"seed": 3, "extract": "first_word"} and labels.seed == 3
+    assert labels.task().examples[0].answer == "paris"
 
 
 def test_train_router_cli_then_eval_and_run_with_the_router(tiny_dir, tmp_path, capsys):
