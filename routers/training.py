@@ -49,7 +49,6 @@ from tqdm.auto import tqdm
 from layerroute.args import task_options
 from layerroute.errors import RouteError
 from layerroute.executor import RouteExecutor
-from layerroute.route import Route
 from layerroute.scoring import encode_texts, left_pad, task_prompts
 from layerroute.store import read_store
 
