@@ -84,7 +84,8 @@ def build_train_ppo(p) -> None:
     p.set_defaults(batch_size=256, limit=512)
     p.add_argument("--mode", default="per_sample", choices=["per_sample", "cola", "per_token", "edit"],
                    help="per_sample: skip/execute/repeat per layer; cola: next block or stop; per_token: token "
-                        "groups per layer (not exportable as a policy); edit: at most --max-edits skips or repeats "
+                        "groups per layer (its exported policy decides inside the blocks); edit: at most --max-edits "
+                        "skips or repeats "
                         "of the full route")
     p.add_argument("--max-edits", type=int, default=4, help="edit mode: edits per episode (K >= 1)")
     p.add_argument("--reward", default="margin", choices=["margin", "correct"])

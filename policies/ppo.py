@@ -160,7 +160,7 @@ def train_ppo(venv, store: ResultsStore, timesteps: int, *, seed: int = 0, devic
     defaults to 1. ``callbacks`` run beside the curve and checkpoint ones (e.g. a
     ``ValidationCallback``). ``task``: how the task was read (``layerroute.args.task_record``), kept in
     the policy so ``eval --policy`` needs no ``--task``. Returns the SB3 model and the exported
-    ``PPOPolicy`` (None for per_token).
+    ``PPOPolicy`` (a ``per_token`` one decides inside the blocks: ``PPOPolicy.token_executor``).
     """
     out = store.path.parent
     core = venv.core
@@ -189,9 +189,7 @@ def train_ppo(venv, store: ResultsStore, timesteps: int, *, seed: int = 0, devic
     wall = time.perf_counter() - start
     meta = {"timesteps": int(model.num_timesteps), "task": core.obj.task.name, "reward": core.obj.reward_kind,
             "lam": core.obj.lam, "split": "search", "samples": len(core.obj), "seed": seed, **(task or {})}
-    policy = None
-    if core.spec.mode != "per_token":
-        policy = export_policy(model, core.spec, core, out / "policy", meta)
+    policy = export_policy(model, core.spec, core, out / "policy", meta)
     store.append({"type": "summary", **meta, "wall_s_this_run": round(wall, 2),
-                  "policy": None if policy is None else str(out / "policy")})
+                  "policy": str(out / "policy")})
     return model, policy

@@ -6,6 +6,17 @@ actor's weights and the projection). Loading rebuilds the network and reads the 
 nothing is unpickled, and SB3 is not needed. ``route_batch`` walks the model with the
 executor, reads each prompt's hidden state before every decision, and acts greedily (argmax);
 in ``edit`` mode it walks the full route once (the observed states), then edits it greedily.
+
+A ``per_token`` policy decides token groups, not routes: every sample keeps the identity route, and
+``token_executor`` gives ``evaluate`` a ``PerTokenPPOExecutor`` that takes the env's decisions inside
+the blocks (``envs/routing_env.py``'s ``_token_step``): before block ``t`` each row's state, pooled over
+its real tokens, is observed with ``t`` and the compute so far; the actor's greedy bits (logit > 0,
+SB3's deterministic MultiBinary) pick which of the row's ``G`` contiguous token groups run the block
+(kv-kept); a block whose chosen tokens would break the budget, or that none chose, is skipped by
+every token. Where evaluation differs from the env: the env pools a sample's prompt tokens, here a
+row's real tokens (the same rows for letter questions; cloze and gold-continuation rows add their
+continuation); a sample with several rows decides per row; and a decoded token belongs to the last
+group, so it runs the blocks whose last group ran at the prefill.
 """
 
 from __future__ import annotations
@@ -18,7 +29,9 @@ from torch import nn
 
 from layerroute.envs.mdp import MDPSpec, ObsProjection, Progress, check_finite, full_route_points, observe, pool
 from layerroute.route import Route
+from layerroute.sparse import KV_KEPT
 from layerroute.store import atomic_save_safetensors, check_tensors, check_weights_digest, read_safetensors
+from layerroute.token_walk import DecidingExecutor
 
 from .base import CONFIG_NAME, PolicyError, RoutingPolicy, register_policy
 
@@ -69,9 +82,6 @@ class PPOPolicy(RoutingPolicy):
 
     def __init__(self, actor: ActorNet, proj: ObsProjection, spec: MDPSpec, fingerprint, meta: dict | None = None,
                  weights_digest: str | None = None):
-        if spec.mode == "per_token":
-            raise PolicyError("per_token policies decide token masks, not routes; evaluation takes routes, so "
-                              "they cannot be used as a RoutingPolicy yet")
         self.actor, self.proj, self.spec = actor.eval(), proj, spec
         self.fingerprint, self.meta, self.weights_digest = fingerprint, dict(meta or {}), weights_digest
 
@@ -79,9 +89,16 @@ class PPOPolicy(RoutingPolicy):
     def act(self, obs: torch.Tensor) -> list[int]:
         return self.actor(obs.float()).argmax(-1).tolist()
 
+    @property
+    def token_executor(self):
+        """per_token: ``executor -> PerTokenPPOExecutor`` (what ``evaluate`` scores with); None in the other modes."""
+        return (lambda executor: PerTokenPPOExecutor(executor, self)) if self.spec.mode == "per_token" else None
+
     @torch.no_grad()
     def route_batch(self, executor, input_ids, attention_mask):
         self.fingerprint.check_matches(executor.fingerprint, "policy")
+        if self.spec.mode == "per_token":  # the identity route; the blocks decide per token (token_executor)
+            return [executor.route(None)] * input_ids.shape[0]
         state = executor.begin(input_ids, attention_mask)
         real = attention_mask.bool()
         if self.spec.mode == "edit":
@@ -161,3 +178,38 @@ class PPOPolicy(RoutingPolicy):
         if spec.num_layers != executor.num_layers or spec.obs_size(proj.dim) != actor.arch["obs_dim"]:
             raise PolicyError(f"{directory}: the policy's shapes do not fit {executor.fingerprint.describe()}")
         return cls(actor, proj, spec, executor.fingerprint, config.get("training"), digest)
+
+
+class PerTokenPPOExecutor(DecidingExecutor):
+    """A ``per_token`` PPO policy's decisions inside every block (see the module docstring)."""
+
+    def __init__(self, base, policy: PPOPolicy):
+        super().__init__(base, KV_KEPT)  # the env's rule
+        self.policy = policy
+        self.last_group: torch.Tensor | None = None  # [B, L] whether the last prefill ran each block's last group
+
+    def decider(self, state, real):
+        spec, L, B = self.policy.spec, self.num_layers, real.shape[0]
+        if state.past > 0 and self.last_group is not None and self.last_group.shape[0] == B:
+            last = self.last_group.to(real.device)  # decoding: new tokens are in the last group
+            return lambda layer, hidden: last[:, layer, None] & real
+        k = real.long().cumsum(1) - 1
+        groups = torch.where(real, k * spec.token_groups // real.sum(1, keepdim=True).clamp(min=1), -1)  # [B, q]
+        tokens = real.sum(1).clamp(min=1).float()
+        progress = [Progress() for _ in range(B)]
+        self.last_group = torch.zeros(B, L, dtype=torch.bool)
+        rows = torch.arange(B, device=real.device)[:, None]
+
+        def decide(layer, hidden):
+            obs = observe(spec, self.policy.proj, pool(hidden, real), progress)
+            bits = (self.policy.actor(obs.float()) > 0).to(real.device)  # [B, G]
+            run = torch.where(groups >= 0, bits[rows, groups.clamp(min=0)], torch.zeros_like(real))
+            eff = (run.sum(1) / tokens).tolist()
+            for b, p in enumerate(progress):
+                if eff[b] > spec.left(p) + 1e-9 or eff[b] == 0:  # the env's budget rule: the block is skipped
+                    run[b], eff[b] = False, 0.0
+                progress[b] = Progress(layer + 1, p.blocks + eff[b], p.chain + ((layer,) if eff[b] else ()))
+                self.last_group[b, layer] = bool(eff[b]) and bool(bits[b, -1])
+            return run
+
+        return decide

@@ -118,8 +118,6 @@ def test_missing_corrupt_and_other_model_checkpoints_are_clear_errors(trained, t
     for same_shape in others.values():
         with pytest.raises(PolicyError, match="another checkpoint"):
             load_policy(out / "policy", RouteExecutor(same_shape))
-    with pytest.raises(PolicyError, match="per_token"):
-        PPOPolicy(policy.actor, policy.proj, type(policy.spec)("per_token", 5), tiny.fingerprint)
 
 
 def test_eval_policy_on_a_static_route_equals_eval_route(tiny_dir, tmp_path, capsys):
