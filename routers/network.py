@@ -133,11 +133,49 @@ class RoutedBase(nn.Module):
 
 
 @dataclass
-class RouterConfig:
-    """Everything needed to rebuild the routers and to know which base model they belong to."""
+class SavedRouterConfig:
+    """What every saved router config records besides its own shape: the base model's size and
+    identity and how the routers were trained; JSON out, and ``load`` from a directory. A subclass
+    sets ``config_name`` (its file), ``what`` (its name in errors) and ``kind`` (what a folder holds)."""
+
+    config_name = CONFIG_NAME
+    what, kind = "router config", "saved routers"
 
     num_layers: int = option(0, "decoder blocks of the base model: one router per block")
     hidden_size: int = option(0, "hidden size of the base model (the routers' input width)")
+    base_model: str = option("", "name or path of the base model the routers were trained on (informational)")
+    model: dict = option(None, "fingerprint of the base model (architecture, layers, hidden size)")
+    weights_digest: str = option("", "layerroute.models.weights_digest of the base checkpoint; another "
+                                 "checkpoint of the same shape is refused")
+    training: dict = option(None, "how the routers were trained (data, labels, metrics); informational")
+
+    def __post_init__(self):
+        self.model = dict(self.model or {})
+        self.training = dict(self.training or {})
+
+    def check_sizes(self, names, limit) -> None:
+        """Each of ``names`` an integer in [1, limit(name)] (None: no upper bound), else a RouterError."""
+        for name in names:
+            value, top = getattr(self, name), limit(name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= (value if top is None
+                                                                                            else top):
+                raise RouterError(f"{self.what}: {name} must be an integer in [1, {'inf' if top is None else top}], "
+                                  f"got {value!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        path = Path(directory) / cls.config_name
+        data = read_json(path, RouterError, f"{directory} holds no {cls.kind}: {cls.config_name} is missing")
+        return cls.from_dict(data, str(path))
+
+
+@dataclass
+class RouterConfig(SavedRouterConfig):
+    """Everything needed to rebuild the per-sample routers and to know which base model they belong to."""
+
     bottleneck: int = option(128, "width of each router's hidden layer")
     windows: int = option(8, "the prompt is cut into min(windows, T) windows; logits are averaged over them")
     dropout: float = option(0.0, "dropout after the GELU while training")
@@ -146,29 +184,16 @@ class RouterConfig:
     budget: str | None = option(None, "default compute budget at inference: a share (0.8) or a block count (24)")
     tau: float | None = option(None, "skip or repeat a block only where the router's probability for it exceeds tau, "
                                  "else execute (chosen on validation; None: the most likely action)")
-    base_model: str = option("", "name or path of the base model the routers were trained on (informational)")
-    model: dict = option(None, "fingerprint of the base model (architecture, layers, hidden size)")
-    weights_digest: str = option("", "layerroute.models.weights_digest of the base checkpoint; another "
-                                 "checkpoint of the same shape is refused")
-    training: dict = option(None, "how the routers were trained (labels, epochs, metrics); informational")
     type: str = option(CONFIG_TYPE, "type key: what kind of saved object this is")
     version: int = option(CONFIG_VERSION, "format version of this config")
 
     def __post_init__(self):
-        self.model = dict(self.model or {})
-        self.training = dict(self.training or {})
-        for name in ("num_layers", "hidden_size", "bottleneck", "windows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIMITS.get(name, value):
-                raise RouterError(f"router config: {name} must be an integer in [1, {LIMITS.get(name, 'inf')}], "
-                                  f"got {value!r}")
+        super().__post_init__()
+        self.check_sizes(("num_layers", "hidden_size", "bottleneck", "windows"), LIMITS.get)
         if not 0 <= self.dropout < 1:
             raise RouterError(f"router config: dropout must be in [0, 1), got {self.dropout!r}")
         Budget.parse(self.budget)
         check_tau(self.tau, "router config: tau")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "router config") -> RouterConfig:
@@ -179,12 +204,6 @@ class RouterConfig:
                           f"the most likely action per block; pass --tau (e.g. 0.9) to fall back to executing a "
                           f"block when the router is unsure", stacklevel=2)
         return config_from_dict(cls, data, source)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> RouterConfig:
-        path = Path(directory) / CONFIG_NAME
-        data = read_json(path, RouterError, f"{directory} holds no saved routers: {CONFIG_NAME} is missing")
-        return cls.from_dict(data, str(path))
 
 
 def check_tau(tau, what: str = "--tau") -> float | None:

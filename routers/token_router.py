@@ -30,7 +30,6 @@ one ``RouterError`` line. ``train-token-router`` also keeps ``train_state.json``
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +44,8 @@ from layerroute.executor import RouteExecutor
 from layerroute.sparse import ABSENT, KV_KEPT
 from layerroute.store import atomic_save_safetensors, atomic_write, atomic_write_json, read_json, read_safetensors
 
-from .network import RoutedBase, RouterError, check_config_header, config_from_dict, load_router_dir
+from .network import (RoutedBase, RouterError, SavedRouterConfig, check_config_header, config_from_dict,
+                      load_router_dir)
 
 CONFIG_NAME = "token_router_config.json"
 WEIGHTS_NAME = "token_routers.safetensors"
@@ -60,50 +60,34 @@ GATES = ("straight-through", "gumbel")
 
 
 @dataclass
-class TokenRouterConfig:
+class TokenRouterConfig(SavedRouterConfig):
     """Everything needed to rebuild the token routers and to know which base model they belong to."""
 
-    num_layers: int = option(0, "decoder blocks of the base model: one router per block")
-    hidden_size: int = option(0, "hidden size of the base model (the routers' input width)")
+    config_name = CONFIG_NAME
+    what, kind = "token router config", "token routers"
+
     bottleneck: int = option(64, "width of each router's hidden layer")
     init_logit: float = option(0.0, "initial bias of each router's output (0: probability 0.5 everywhere)")
     threshold: float = option(0.5, "a token executes a block when the router's probability is at least this "
                                    "(0: always)")
     rule: str = option(KV_KEPT, "what a skipped token is at the block: kv-kept (its K/V are still computed) or absent")
-    base_model: str = option("", "name or path of the base model the routers were trained on (informational)")
-    model: dict = option(None, "fingerprint of the base model (architecture, layers, hidden size)")
-    weights_digest: str = option("", "layerroute.models.weights_digest of the base checkpoint")
-    training: dict = option(None, "how the routers were trained (data, lambda, steps, held-out KL); informational")
     type: str = option(CONFIG_TYPE, "type key: what kind of saved object this is")
     version: int = option(CONFIG_VERSION, "format version of this config")
 
     def __post_init__(self):
-        self.model = dict(self.model or {})
-        self.training = dict(self.training or {})
-        for name in ("num_layers", "hidden_size", "bottleneck"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16384:
-                raise RouterError(f"token router config: {name} must be an integer in [1, 16384], got {value!r}")
+        super().__post_init__()
+        self.check_sizes(("num_layers", "hidden_size", "bottleneck"), lambda name: 16384)
         check_threshold(self.threshold, "token router config: threshold")
         if self.rule not in RULES:
             raise RouterError(f"token router config: rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if not isinstance(self.init_logit, (int, float)) or not math.isfinite(self.init_logit):
             raise RouterError(f"token router config: init_logit must be a finite number, got {self.init_logit!r}")
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
     @classmethod
     def from_dict(cls, data, source: str = "token router config") -> TokenRouterConfig:
         """Rebuild a config; unknown keys are warned about and dropped (newer files still load)."""
         check_config_header(data, source, CONFIG_TYPE, CONFIG_VERSION, "token-router")
         return config_from_dict(cls, data, source)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> TokenRouterConfig:
-        path = Path(directory) / CONFIG_NAME
-        return cls.from_dict(read_json(path, RouterError, f"{directory} holds no token routers: {CONFIG_NAME} is "
-                                                          f"missing"), str(path))
 
 
 def check_threshold(value, what: str = "--threshold") -> float:
