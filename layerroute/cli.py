@@ -267,6 +267,9 @@ def cmd_eval(args) -> int:
               f"{len(task)} in the task")
         print(result.summary())
         warning = degenerate_warning([s.blocks for s in result.samples], ex.num_layers) if policy else None
+        if policy and result.per_token and result.mean_blocks <= max(1, ex.num_layers // 10):
+            warning = (f"degenerate policy: its tokens execute {result.mean_blocks:.2f} of {ex.num_layers} blocks on "
+                       f"average; its decisions barely use the model")
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         if store is not None:

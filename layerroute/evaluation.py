@@ -66,13 +66,13 @@ class EvalResult:
     tokens_per_second: float
     seconds: float
     samples: list[SampleScore] = field(repr=False)
-    per_token: bool = False  # mean_blocks: executed blocks per token (per-token routers), not per sample
+    per_token: bool = False  # mean_blocks: executed blocks per token (per-token decisions), not per sample
 
     def summary(self) -> str:
         acc = "n/a (log-likelihood task)" if self.accuracy is None else \
             f"{100 * self.accuracy:.1f}% (95% CI {100 * self.ci95[0]:.1f}-{100 * self.ci95[1]:.1f})"
         hist = ", ".join(f"{k}: {v}" for k, v in sorted(self.blocks_histogram.items()))
-        blocks = (f"  blocks/token    mean {self.mean_blocks:.2f} executed (per-token routers, realised)\n"
+        blocks = (f"  blocks/token    mean {self.mean_blocks:.2f} executed (per-token decisions, realised)\n"
                   if self.per_token else f"  blocks/sample   mean {self.mean_blocks:.2f}  (distribution {hist})\n")
         return (f"task {self.task}: n={self.n}\n  accuracy        {acc}\n"
                 f"  gold NLL/token  {self.mean_gold_nll:.4f}\n{blocks}"

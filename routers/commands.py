@@ -134,7 +134,8 @@ def register() -> list[Command]:
         Command("train-router", "train per-layer routers on searched routes (MCTS, Optuna or PPO stores)",
                 build_train_router, cmd_train_router),
         Command("train-token-router", "train per-token routers (one gate per block) by distillation from the full "
-                "model: KL + lambda x executed share", build_train_token_router, cmd_train_token_router),
+                "model: KL + lambda x executed share", build_train_token_router, cmd_train_token_router,
+                small={"steps": 2, "batch_size": 2, "max_length": 32, "val_windows": 2, "eval_every": 1}),
         Command("pipeline", "the main job: MCTS search, train routers, evaluate against the full model and the best "
                 "static route, generate with the routed model", build_pipeline, cmd_pipeline,
                 checks={"baseline": baseline_check}),
