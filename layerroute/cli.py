@@ -114,29 +114,39 @@ def cmd_run(args) -> int:
     from .executor import RouteExecutor
     from .tasks.prompts import render_prompt
 
+    kind = policy_type(args.router) if args.router else None
     refuse_ignored(args, [
-        ("tau", args.router, "is the routers' confidence threshold: it needs --router"),
+        ("tau", kind == "router", "is the routers' confidence threshold: it needs --router (per-sample routers, "
+                                  "from train-router)"),
         ("temperature", args.sample, "applies to sampling only: add --sample"),
         ("top_p", args.sample, "applies to sampling only: add --sample"),
         ("seed", args.sample, "seeds sampling only (greedy decoding has no randomness): add --sample")])
-    if args.router and policy_type(args.router) != "router":
+    if args.router and kind not in ("router", "token_router"):
         _refuse_router(args.router)
     model, tok = load(args)
     ex = RouteExecutor(model)
     ids = tok(render_prompt(tok, args.prompt, chat=not args.no_chat), return_tensors="pt",
               add_special_tokens=False).input_ids
-    if args.router:  # trained routers pick the route from the prompt, once, at prefill
-        from layerroute.routers import load_routers, route_prompts
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if kind == "token_router":  # per-token decisions at prefill and at every new token
+        from layerroute.routers import TokenRoutedModel, load_token_routers
 
-        route = route_prompts(load_routers(args.router, model), ex, ids, tau=args.tau)[0][0]
+        routed = TokenRoutedModel(model, load_token_routers(args.router, model), tok)
+        out = routed.generate(ids, **sampling)
+        share = routed(out.sequences).executed_share
+        print(f"per-token routers {args.router}: {share:.1%} of the (token, block) pairs of the prompt and answer "
+              f"executed ({routed.rule})", file=sys.stderr)
     else:
-        route = ex.route(args.route)
-    out = ex.generate(ids, routes=route, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    new = out.sequences[0, ids.shape[1]:]
-    print(f"route: {route.describe()}", file=sys.stderr)
-    print(tok.decode(new, skip_special_tokens=True).strip())
+        if args.router:  # trained routers pick the route from the prompt, once, at prefill
+            from layerroute.routers import load_routers, route_prompts
+
+            route = route_prompts(load_routers(args.router, model), ex, ids, tau=args.tau)[0][0]
+        else:
+            route = ex.route(args.route)
+        out = ex.generate(ids, routes=route, **sampling)
+        print(f"route: {route.describe()}", file=sys.stderr)
+    print(tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return 0
 
 
@@ -162,7 +172,8 @@ def build_run(p) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--route", default=None, help="JSON file or spec: identity, skip:20-24, repeat:10, "
                        "repeat:10x3, chain:0-9,9,10-29 (join with +) (default: identity)")
-    which.add_argument("--router", default=None, help="a trained router directory: routers pick the route per prompt")
+    which.add_argument("--router", default=None, help="a trained router directory: routers pick the route per prompt "
+                       "(train-router), or decide per token and block (train-token-router)")
     p.add_argument("--tau", type=float, default=None,
                    help="with --router: skip or repeat a block only where the router is surer than tau (default: "
                         "the tau saved with the routers)")

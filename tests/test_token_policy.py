@@ -88,3 +88,20 @@ def test_eval_router_takes_a_token_router_folder_and_refuses_another_models(tiny
     assert len(err) == 1 and "another checkpoint" in err[0], err
     with pytest.raises(RouterError, match="another checkpoint"):
         TokenRouterPolicy.load(theirs, RouteExecutor(model))
+
+
+def test_run_router_takes_a_token_router_folder(tiny_dir, tmp_path, capsys):
+    """`run --router` with token routers at threshold 0 answers as the full model does."""
+    from layerroute.cli import main
+    from layerroute.models import load_model
+
+    model, _ = load_model(str(tiny_dir))
+    ours = save_token_routers(tmp_path / "ours", new_token_routers(RouteExecutor(model), threshold=0.0))
+    run = ["run", "--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "4"]
+    assert main(run) == 0
+    full = capsys.readouterr().out
+    assert main(run + ["--router", str(ours)]) == 0
+    out = capsys.readouterr()
+    assert out.out == full and "100.0% of the (token, block) pairs" in out.err
+    assert main(run + ["--router", str(ours), "--tau", "0.5"]) == 2
+    assert "--tau is the routers' confidence threshold: it needs --router (per-sample" in capsys.readouterr().err
