@@ -69,6 +69,22 @@ def padded_batch(vocab: int, lengths, total: int, seed: int = 0):
     return ids, mask
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """SmolLM2's tokenizer (from the embedded model)."""
+    from transformers import AutoTokenizer
+
+    from layerroute.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    """A random 5-block Llama over SmolLM2's vocabulary: fast, exact, and real tokenization."""
+    return RouteExecutor(tiny_model("llama", vocab_size=len(tok)))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random 5-block Llama with SmolLM2's tokenizer, saved as a model directory."""

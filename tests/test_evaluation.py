@@ -1,17 +1,14 @@
 """Scoring, the evaluator, output dirs, and the static baselines."""
 
-import json
 import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from layerroute import LayerRouteError, RouteExecutor
 from layerroute.evaluation import eval_header, evaluate, limit_examples, wilson_interval, write_summary
 from layerroute.objective import Objective
 from layerroute.store import ResultsStore, read_store
-from layerroute.models import resolve_model_path
 from layerroute.scoring import continuation_nll, score_batch
 from layerroute.budget import blocks_for_ratio
 from layerroute.search.baselines import BASELINES, baseline_route, choose_on_validation, greedy_cost, \
@@ -20,18 +17,6 @@ from layerroute.tasks.base import Example, Task
 from layerroute.tasks.prompts import render_prompt
 
 from .conftest import tiny_model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    t = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-    return t
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    """A random 5-block Llama over SmolLM2's vocabulary: fast, exact, and real tokenization."""
-    return RouteExecutor(tiny_model("llama", vocab_size=len(tok)))
 
 
 def choice_task(scoring="letter", n=12):

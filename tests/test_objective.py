@@ -4,26 +4,14 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from layerroute import LayerRouteError, RouteExecutor
 from layerroute.budget import Budget, BudgetError
-from layerroute.models import resolve_model_path
 from layerroute.objective import Objective, ObjectiveError, PrefixState
 from layerroute.scoring import continuation_nll, score_batch, task_prompts
 from layerroute.tasks.base import Example, Task
 
 from .conftest import tiny_model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return RouteExecutor(tiny_model("llama", vocab_size=len(tok)))
 
 
 def choice_task(scoring, n=10):

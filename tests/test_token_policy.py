@@ -3,27 +3,15 @@ score a task with per-token decisions at prefill and decoding, and report the re
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from layerroute import RouteExecutor
 from layerroute.evaluation import evaluate
-from layerroute.models import resolve_model_path
 from layerroute.routers.network import RouterError
 from layerroute.routers.token_policy import TokenRouterPolicy
 from layerroute.routers.token_router import new_token_routers, save_token_routers
 from layerroute.tasks.base import Example, Task
 
 from .conftest import tiny_model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return RouteExecutor(tiny_model("llama", vocab_size=len(tok)))
 
 
 def tasks():
