@@ -15,7 +15,7 @@ from layerroute.envs.routing_env import LayerRoutingEnv, LayerRoutingVecEnv, bui
 from .conftest import tiny_model
 from layerroute.scoring import task_prompts
 
-from .test_objective import choice_task, ref_logprobs, tiny, tok  # noqa: F401 (fixtures)
+from .test_objective import choice_task, ref_logprobs
 
 L = 5  # blocks of the tiny model
 MODES = ["per_sample", "cola", "per_token"]

@@ -8,7 +8,7 @@ from layerroute.routers.training import load_labels
 from layerroute.search.labels import LabelError
 from layerroute.tasks.base import Example, Task
 
-from .test_objective import choice_task, tiny, tok  # noqa: F401  (fixtures)
+from .test_objective import choice_task
 from .test_mcts import _mcts_args
 
 

@@ -13,7 +13,7 @@ from layerroute.search.labels import LabelError, check_pair, null_threshold, rob
 from layerroute.search.mcts import MCTS, EditTree, MCTSConfig, Node
 from layerroute.store import read_store
 
-from .test_objective import choice_task, tiny, tok  # noqa: F401  (fixtures)
+from .test_objective import choice_task
 
 NO_STOP = dict(beat_margin=-1.0, stop_shorter=0)  # the edit space's early stops off: every simulation runs
 SPACES = [dict(space="edit", **NO_STOP), dict(space="sequential"), dict(space="cola"),

@@ -14,7 +14,7 @@ from layerroute.search import SearchError, run_search
 from layerroute.search.optuna_search import OptunaConfig, OptunaSearch, make_storage, pareto_front, route_layers
 from layerroute.store import ResultsStore, read_store
 
-from .test_objective import choice_task, tiny, tok  # noqa: F401  (fixtures)
+from .test_objective import choice_task
 
 
 @pytest.fixture(scope="module")

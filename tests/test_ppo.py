@@ -14,7 +14,7 @@ from layerroute.scoring import encode_texts, left_pad
 from layerroute.store import ResultsStore, read_store
 
 from .conftest import altered_checkpoints, tiny_model
-from .test_objective import choice_task, tiny, tok  # noqa: F401 (fixtures)
+from .test_objective import choice_task
 
 
 def _store(path):

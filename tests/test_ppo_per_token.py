@@ -11,7 +11,7 @@ from layerroute.policies import PPOPolicy, load_policy
 from layerroute.policies.ppo_policy import ActorNet
 from layerroute.tasks.base import Task
 
-from .test_objective import choice_task, tiny, tok  # noqa: F401 (fixtures)
+from .test_objective import choice_task
 
 
 def per_token_policy(core, seed=0, bias=0.0):

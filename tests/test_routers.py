@@ -17,7 +17,6 @@ from layerroute.store import ResultsStore
 from layerroute.tasks.base import Example, Task
 
 from .conftest import altered_checkpoints, padded_batch, tiny_model
-from .test_objective import tok  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

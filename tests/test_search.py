@@ -14,7 +14,7 @@ from layerroute.search.base import RandomConfig
 from layerroute.store import ResultsStore, read_store
 from layerroute.tasks import get_task
 
-from .test_objective import choice_task, tiny, tok  # noqa: F401  (fixtures)
+from .test_objective import choice_task
 
 
 def test_registry_refuses_duplicates_and_unknown_names():

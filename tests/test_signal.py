@@ -7,7 +7,7 @@ from layerroute.cli import main
 from layerroute.objective import Objective
 from layerroute.search.signal import SignalError, edit_scores, margins, probe_auc, signal, single_edits
 
-from .test_objective import choice_task, tiny, tok  # noqa: F401  (fixtures)
+from .test_objective import choice_task
 
 
 def test_probe_auc_is_near_one_half_on_shuffled_targets_and_high_on_a_real_one():

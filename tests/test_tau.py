@@ -14,7 +14,7 @@ from layerroute.routers.routed_model import RouterPolicy
 from layerroute.evaluation import evaluate
 from layerroute.tasks.base import Example, Task
 
-from .test_objective import choice_task, tiny, tok  # noqa: F401  (fixtures)
+from .test_objective import choice_task
 from .test_routers import base, batch, make_net  # noqa: F401  (fixture)
 
 
