@@ -193,6 +193,12 @@ def describe_file(path) -> str:
     return "a file that is not JSON"
 
 
+def _without(header: dict, settings: tuple[str, ...]) -> dict:
+    """``header`` without the named settings."""
+    kept = {k: v for k, v in (header.get("settings") or {}).items() if k not in settings}
+    return {**header, "settings": kept}
+
+
 def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
@@ -289,23 +295,32 @@ class ResultsStore:
         if header is not None:
             self.open(header, overwrite=overwrite, info=info)
 
-    def open(self, header: dict, *, overwrite: bool = False, info: dict | None = None) -> ResultsStore:
+    def open(self, header: dict, *, overwrite: bool = False, info: dict | None = None,
+             growable: tuple[str, ...] = ()) -> ResultsStore:
         """Write the header, or check it against the stored one and resume. ``ResultsStore(path)``
         without a header takes only the single-writer lock, so a command can take it before it
-        loads a model (a second writer is refused at once) and call ``open`` once it knows the header."""
+        loads a model (a second writer is refused at once) and call ``open`` once it knows the header.
+        ``growable`` names settings that only say how much work to do (a per-sample search's
+        ``limit``): a store that differs in them alone keeps its records under the new header."""
         self.header = {"format": FORMAT, "version": VERSION, **header}
         try:
-            self.records = self._open(overwrite, info or {})
+            self.records = self._open(overwrite, info or {}, growable)
         except BaseException:
             self.close(failed=True)
             raise
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         return self
 
-    def _open(self, overwrite: bool, info: dict) -> list[dict]:
+    def _open(self, overwrite: bool, info: dict, growable: tuple[str, ...]) -> list[dict]:
         if self.path.exists() and self.path.stat().st_size and not overwrite:
             old, records, good = _parse(self.path)
             theirs = {k: v for k, v in old.items() if k != "info"}
+            grown = _canonical(theirs) != _canonical(self.header) and \
+                _canonical(_without(theirs, growable)) == _canonical(_without(self.header, growable))
+            if grown:  # the same records under the new header, written atomically
+                rest = self.path.read_bytes()[:good].split(b"\n", 1)[1].decode()
+                atomic_write(self.path, _canonical({**self.header, "info": old.get("info", {})}) + "\n" + rest)
+                return records
             if _canonical(theirs) != _canonical(self.header):
                 diff = sorted(k for k in set(theirs) | set(self.header) if _canonical(theirs.get(k)) !=
                               _canonical(self.header.get(k)))

@@ -98,16 +98,19 @@ class Searcher(ABC):
 def run_search(searcher: Searcher, store: ResultsStore, progress: bool = True) -> dict:
     """Run the pending units of ``searcher`` into ``store``; return the summary."""
     searcher.workdir = store.path.parent
+    units = searcher.units()
     done = store.done()
-    keys = [k for k in searcher.units() if k not in done]
-    if not keys and store.summary() is not None and store.records[-1].get("type") == "summary":
-        return store.summary()  # a finished run: nothing to redo
+    keys = [k for k in units if k not in done]
+    last = store.records[-1] if store.records else {}
+    if not keys and last.get("type") == "summary" and last.get("units", len(units)) == len(units):
+        return last  # a finished run: nothing to redo
     with tqdm(total=len(keys), desc=f"search {searcher.name}", unit="unit", disable=not progress) as bar:
         for record in searcher.search(keys):
             store.append(record)
             bar.update(1)
-    records = [r for r in store.records if r.get("type") != "summary"]
-    summary = {"type": "summary", **searcher.summarize(records)}
+    wanted = set(units)  # a store grown past this run's --limit: summarize this run's units only
+    records = [r for r in store.records if r.get("type") != "summary" and r.get("key") in wanted]
+    summary = {"type": "summary", "units": len(records), **searcher.summarize(records)}
     store.append(summary)
     return summary
 

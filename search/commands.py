@@ -81,7 +81,8 @@ def _search(args, cls, spec, searcher, store, task, on_ray):
     elif cls.oracle:
         print(f"note: {cls.name} reads the labels of the samples it routes; its rewards are an oracle upper bound",
               file=sys.stderr)
-    store.open(header, overwrite=args.overwrite)
+    # A per-sample search's records stand alone, so a larger (or smaller) --limit resumes its store.
+    store.open(header, overwrite=args.overwrite, growable=("limit",) if cls.per_sample else ())
     if on_ray:
         summary = run_search_distributed(spec, store, args.workers, args.ray_address, searcher=searcher)
     else:

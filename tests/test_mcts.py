@@ -121,6 +121,14 @@ def test_cli_resumes_refuses_other_settings_and_analyzes(tiny_dir, tmp_path, cap
     again = [r for r in read_store(out)[1] if "identity" in r]
     assert [r["key"] for r in again] == [r["key"] for r in samples]
     assert [r["layers"] for r in again] == [r["layers"] for r in samples]
+    # a larger --limit grows the store: finished samples are kept, only the new ones are searched
+    assert main(_mcts_args(tiny_dir, out, "--limit", "7")) == 0
+    header7, grown = read_store(out)
+    rows = [r for r in grown if "identity" in r]
+    assert header7["settings"]["limit"] == 7 and len(rows) == 7 and grown[-1]["samples"] == 7
+    assert [r["layers"] for r in rows[:5]] == [r["layers"] for r in samples]
+    assert main(_mcts_args(tiny_dir, out)) == 0  # back to 5: nothing searched, a summary of those 5
+    assert len(read_store(out)[1]) == len(grown) + 1 and read_store(out)[1][-1]["samples"] == 5
     capsys.readouterr()
     # another space (or other settings) is refused, with nothing written
     assert main(_mcts_args(tiny_dir, out, "--space", "cola")) == 2

@@ -42,6 +42,24 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, field, value):
     assert read_store(tmp_path)[0][field] == value
 
 
+def test_growable_settings_keep_the_records_under_the_new_header(tmp_path):
+    grown = {**HEADER, "settings": {"a": 1, "limit": 2}}
+    with ResultsStore(tmp_path, grown, info={"version": "x"}) as s:
+        s.append({"key": "u1"})
+    more = {**HEADER, "settings": {"a": 1, "limit": 5}}
+    with pytest.raises(StoreError, match="other settings"):  # only where the caller says so
+        ResultsStore(tmp_path).open(more)
+    with ResultsStore(tmp_path).open(more, growable=("limit",)) as s:
+        assert s.done() == {"u1"}
+        s.append({"key": "u2"})
+    header, records = read_store(tmp_path)
+    assert header["settings"]["limit"] == 5 and header["info"]["version"] == "x"
+    assert [r["key"] for r in records] == ["u1", "u2"]
+    with pytest.raises(StoreError, match="other settings .*settings"):  # any other difference is refused
+        ResultsStore(tmp_path).open({**HEADER, "settings": {"a": 2, "limit": 5}}, growable=("limit",))
+    assert len(read_store(tmp_path)[1]) == 2
+
+
 def test_torn_last_line_is_dropped_and_corrupt_files_refused(tmp_path):
     with ResultsStore(tmp_path, HEADER) as s:
         s.append({"key": "u1"})
