@@ -1,20 +1,21 @@
 """Issue 18's figures in one command: edit-space MCTS, gold against null, and the routing signal.
 
-    OMP_NUM_THREADS=1 python -m layerroute.experiments.label_signal [--mcts-limit 200] [--simulations 64] \
+    OMP_NUM_THREADS=1 python -m layerroute.experiments.label_signal [--mcts-limit 500] [--simulations 200] \
         [--signal-limit 200] [--signal-tasks gen,suite,mmlu] --out experiments/results
 
 1. ``layerroute search mcts`` (edit space, Dr.LLM's search) on the first ``--mcts-limit`` samples
    of ``gen``'s search split, with gold labels and again with ``--null``, into resumable stores
-   (``OUT/mcts_edit_gen`` and ``OUT/mcts_edit_gen-null``; a killed run resumes), then
+   (``OUT/mcts_edit_gen`` and ``OUT/mcts_edit_gen-null``; a killed run resumes, and a larger
+   ``--mcts-limit`` grows them), then
    ``layerroute analyze`` on the pair: every oracle figure beside its chance level, the label
    statistics and the robust filter's threshold and keep rate.
 2. ``layerroute signal`` on each of ``--signal-tasks`` (``--signal-limit`` search-split samples).
 
 Every step is the CLI command it prints, so each file can be regenerated on its own. The reports
 (``analyze.md``, ``signal-TASK.md`` and the PNGs) land in ``OUT``, each naming its command. The
-searches resume; a signal report already written for the same sample count is kept. Issue 18
-asks for 500 MCTS samples and 200 simulations; the defaults (200 samples, 64 simulations) are
-what a shared 2-core CPU allowed in one session.
+searches resume; a signal report already written for the same sample count is kept. The
+defaults are issue 18's: 500 MCTS samples at Dr.LLM's 200 simulations (about 8 min per store on
+one thread, since the early stops end most searches after a few simulations).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def run(argv: list[str]) -> None:
 
 @dataclass
 class Args(ExperimentArgs):
-    mcts_limit: int = option(200, "search-split samples of the MCTS runs")
-    simulations: int = option(64, "MCTS simulations per sample")
+    mcts_limit: int = option(500, "search-split samples of the MCTS runs")
+    simulations: int = option(200, "MCTS simulations per sample")
     signal_limit: int = option(200, "samples of each signal report")
     signal_tasks: str = option("gen,suite,mmlu", "comma-separated tasks of the signal reports")
     skip_mcts: bool = option(False, "only the signal reports")

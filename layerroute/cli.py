@@ -134,9 +134,9 @@ def cmd_run(args) -> int:
 
         routed = TokenRoutedModel(model, load_token_routers(args.router, model), tok)
         out = routed.generate(ids, **sampling)
-        share = routed(out.sequences).executed_share
-        print(f"per-token routers {args.router}: {share:.1%} of the (token, block) pairs of the prompt and answer "
-              f"executed ({routed.rule})", file=sys.stderr)
+        seen = routed.last_decisions  # batch 1: every pair is a real token's
+        print(f"per-token routers {args.router}: {seen.executed / max(1, seen.total):.1%} of the (token, block) "
+              f"pairs run at prefill and decoding executed ({routed.rule})", file=sys.stderr)
     else:
         if args.router:  # trained routers pick the route from the prompt, once, at prefill
             from layerroute.routers import load_routers, route_prompts

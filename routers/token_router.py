@@ -215,6 +215,7 @@ class TokenRoutedModel(RoutedBase):
             raise RouterError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         self.threshold = None if threshold is None else check_threshold(threshold)
         self._routing = True
+        self.last_decisions: TokenDecisions | None = None  # those of the last generate()
 
     @classmethod
     def from_pretrained(cls, base_model_or_path, router_dir: str | Path, *, device: str = "cpu", dtype=None,
@@ -243,13 +244,14 @@ class TokenRoutedModel(RoutedBase):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, use_cache: bool = True, output_logits: bool = False, **kwargs):
         """``RouteExecutor.generate`` with per-token decisions at prefill and every new token.
-        Returns the ``Generation`` (``sequences``, and ``logits`` with ``output_logits``)."""
+        Returns the ``Generation`` (``sequences``, and ``logits`` with ``output_logits``);
+        ``last_decisions`` then counts the (token, block) pairs it executed (``executed``, ``total``)."""
         if not self._routing:
             return self.executor.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                           use_cache=use_cache, output_logits=output_logits, **kwargs)
+        self.last_decisions = TokenDecisions(self.routers, self.threshold)
         return self.executor.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, use_cache=use_cache,
-                                      output_logits=output_logits, token_mask=TokenDecisions(self.routers,
-                                                                                             self.threshold),
+                                      output_logits=output_logits, token_mask=self.last_decisions,
                                       token_rule=self.rule, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -55,6 +55,11 @@ def test_per_token_decisions_keep_cached_decoding_exact(rule):
     plain = routed.generate(ids, mask, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
     assert_logits_close(cached.logits, plain.logits)
+    # a batch-1 generation counts the (token, block) pairs its decisions executed, as a recomputation does
+    assert bool(mask[0].all())
+    gen = routed.generate(ids[:1], max_new_tokens=6)
+    seen, again = routed.last_decisions, routed(gen.sequences[:, :-1])
+    assert (seen.executed, seen.total) == (int(again.keep.sum()), again.keep.numel())
     # the prefill logits are those of the decisions' token mask run directly
     direct = ex(ids, mask, token_mask=out.keep, token_rule=rule).logits
     assert_logits_close(out.logits[mask.bool()], direct[mask.bool()])
