@@ -294,7 +294,7 @@ class Report:
 
     def write(self):
         a = self.args
-        lines = [f"# Token-sparse blocks: realised against ideal speedup\n",
+        lines = ["# Token-sparse blocks: realised against ideal speedup\n",
                  f"`{self.command}`\n",
                  f"Run {self.meta['date']} on {self.meta['machine']}; {self.meta['threads']} torch threads, "
                  f"{a.dtype}, model {a.model} ({self.meta['layers']} blocks). Load average at start: "

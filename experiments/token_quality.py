@@ -187,7 +187,7 @@ def train(args: Args, ex, tok, lam: float, train_w, val_w):
 
 
 def main(argv=None) -> None:
-    from layerroute.evaluation import evaluate, mean_interval, newcombe_interval, wilson_interval
+    from layerroute.evaluation import evaluate, mean_interval, newcombe_interval
     from layerroute.routers.token_policy import TokenRouterPolicy
     from layerroute.routers.token_router import corpus_texts, token_windows
     from layerroute.tasks import get_task

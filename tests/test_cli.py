@@ -1,6 +1,5 @@
 """The command line, end to end on the embedded default."""
 
-import json
 import subprocess
 import sys
 

@@ -184,7 +184,8 @@ def test_null_threshold_and_robust_labels_on_a_constructed_store(tmp_path, capsy
             dict(_rec(False, 3, [1, 2, 3]), key="s2", margin=0.5 + 1.9),  # not above the threshold: full route
             *[dict(_rec(True, 4, [0, 1, 2, 3]), key=f"s{g}") for g in range(3, 21)]]
     assert robust_layers(gold[0], 1.9, 4) == (0, 1, 3) and robust_layers(gold[1], 1.9, 4) == (0, 1, 2, 3)
-    g, z = _store(tmp_path / "g", gold), _store(tmp_path / "g-null", nulls, "null")
+    g = _store(tmp_path / "g", gold)
+    _store(tmp_path / "g-null", nulls, "null")
     c = compare(*load_pair(g)[1:], 4)
     assert c["threshold"] == pytest.approx(1.9) and c["kept"] == 1 and c["samples"] == 20
     assert c["robust_labels"]["skip_block_0"] == 0 and c["best_routes"]["skip_block_0"] == pytest.approx(1 / 20)

@@ -12,7 +12,6 @@ from layerroute.objective import Objective
 from layerroute.search import SEARCHERS, RandomSearch, SearchError, get_searcher, register_searcher, run_search
 from layerroute.search.base import RandomConfig
 from layerroute.store import ResultsStore, read_store
-from layerroute.tasks import get_task
 
 from .test_objective import choice_task
 
