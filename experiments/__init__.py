@@ -7,6 +7,7 @@ by accident. The committed tables are regenerated with ``--out experiments/resul
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,4 +63,4 @@ def experiment_command(name: str, argv: list[str] | None = None, threads: int | 
     ``OMP_NUM_THREADS=T python -m layerroute.experiments.NAME ARGS`` (no prefix when ``threads`` is None)."""
     words = sys.argv[1:] if argv is None else argv
     head = "" if threads is None else f"OMP_NUM_THREADS={threads} "
-    return " ".join([f"{head}python -m layerroute.experiments.{name}", *words])
+    return " ".join([f"{head}python -m layerroute.experiments.{name}", *map(shlex.quote, words)])

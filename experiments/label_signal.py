@@ -28,7 +28,7 @@ from pathlib import Path
 
 from layerroute.cli import main as cli
 from layerroute.config import option, parse_config
-from layerroute.experiments import ExperimentArgs
+from layerroute.experiments import ExperimentArgs, experiment_command
 
 
 def run(argv: list[str]) -> None:
@@ -57,10 +57,14 @@ def main(argv=None) -> None:
         store = out / "mcts_edit_gen"
         common = ["search", "mcts", "--model", args.model, "--task", "gen", "--limit", str(args.mcts_limit),
                   "--simulations", str(args.simulations)]
-        run(common + ["--output", str(store)])
-        run(common + ["--null", "--output", f"{store}-null"])
-        run(["analyze", str(store)])
-        shutil.copy(store / "analyze.md", out / "analyze_edit_gen.md")
+        steps = [common + ["--output", str(store)], common + ["--null", "--output", f"{store}-null"],
+                 ["analyze", str(store)]]
+        for step in steps:
+            run(step)
+        title, rest = (store / "analyze.md").read_text().split("\n", 1)
+        made = "; ".join(f"`layerroute {' '.join(step)}`" for step in steps)
+        (out / "analyze_edit_gen.md").write_text(f"{title}\n\nCommand: `{experiment_command('label_signal', argv)}`, "
+                                                 f"which runs {made}.\n{rest}")
     for task in [t for t in args.signal_tasks.split(",") if t]:
         done = out / f"signal-{task}" / "signal.json"
         if done.is_file() and json.loads(done.read_text()).get("samples") == args.signal_limit:
