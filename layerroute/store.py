@@ -315,13 +315,8 @@ class ResultsStore:
         if self.path.exists() and self.path.stat().st_size and not overwrite:
             old, records, good = _parse(self.path)
             theirs = {k: v for k, v in old.items() if k != "info"}
-            grown = _canonical(theirs) != _canonical(self.header) and \
-                _canonical(_without(theirs, growable)) == _canonical(_without(self.header, growable))
-            if grown:  # the same records under the new header, written atomically
-                rest = self.path.read_bytes()[:good].split(b"\n", 1)[1].decode()
-                atomic_write(self.path, _canonical({**self.header, "info": old.get("info", {})}) + "\n" + rest)
-                return records
-            if _canonical(theirs) != _canonical(self.header):
+            same = _canonical(theirs) == _canonical(self.header)
+            if not same and _canonical(_without(theirs, growable)) != _canonical(_without(self.header, growable)):
                 diff = sorted(k for k in set(theirs) | set(self.header) if _canonical(theirs.get(k)) !=
                               _canonical(self.header.get(k)))
                 detail = "; ".join(_describe_diff(k, theirs.get(k), self.header.get(k)) for k in diff)
@@ -331,6 +326,9 @@ class ResultsStore:
                 warnings.warn(f"{self.path}: dropping a torn last line (a run was killed while writing it)",
                               stacklevel=3)
                 os.truncate(self.path, good)
+            if not same:  # grown: the same records under the new header, written atomically
+                rest = self.path.read_bytes().split(b"\n", 1)[1].decode()
+                atomic_write(self.path, _canonical({**self.header, "info": old.get("info", {})}) + "\n" + rest)
             return records
         atomic_write(self.path, _canonical({**self.header, "info": {"created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                                     **environment(), **info}}) + "\n")
