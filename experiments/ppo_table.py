@@ -83,7 +83,8 @@ def write_outputs(rows: list[dict], curve: list[dict], line: dict | None, train:
                    [[r["name"], r["kind"], acc_ci(r["accuracy"], r["ci95"]), f"{r['mean_blocks']:.2f}", r["n"],
                      r.get("cost", "")] for r in rows])
     lines += _verdicts(rows)
-    lines += ["", "MCTS rows read each test sample's label (ORACLE): an upper bound, not a comparable result.",
+    lines += ["", "MCTS rows read each test sample's label (ORACLE): an upper bound, not a comparable result; the "
+              "null row is the same search handed a random wrong label, the level chance alone reaches.",
               "", "![learning curve](ppo_curve.png)"]
     write_result(args.path("ppo_table"), f"PPO routing policy on {args.model}, task `{args.task}` (test split, seed "
                  f"{args.seed})", lines, {"settings": asdict(args), "training": train, "rows": rows, "line": line})
@@ -231,17 +232,24 @@ def main(argv=None) -> None:
                     obj.mean_reward(ex.route(None), samples), "rewards": rewards, "samples": len(samples)}
             table.append(line)
             write_outputs(rows, curve, line, train, args, chance)
-        if args.mcts_limit and "mcts" not in table.done():
+        # the MCTS oracle under the same budget (the per-layer space: edits of the full route take no hard
+        # budget), and beside it its chance level, the same search toward a seeded random wrong option
+        for key, name, kind, null in (("mcts", f"MCTS oracle (<= {k} blocks)", "ORACLE", None),
+                                      ("mcts-null", "MCTS null labels (its chance level)", "chance", args.seed)):
+            if not args.mcts_limit or key in table.done() or (null is not None and test.kind != "choice"):
+                continue
             cls = get_searcher("mcts")
-            obj = Objective(ex, tok, test, list(test.examples)[:args.mcts_limit], lam=args.lam, budget=k)
-            searcher = cls(obj, cls.Config(simulations=args.mcts_simulations), seed=args.seed)
+            obj = Objective(ex, tok, test, list(test.examples)[:args.mcts_limit], lam=args.lam, budget=k,
+                            null_seed=null)
+            searcher = cls(obj, cls.Config(simulations=args.mcts_simulations, space="sequential"), seed=args.seed)
             t0 = time.perf_counter()
-            with ResultsStore(run / "mcts", {"kind": "search:mcts", "settings": {**searcher.settings(), "k": k},
-                                             "split": "test", **base}) as mst:
+            with ResultsStore(run / key, {"kind": "search:mcts", "settings": {**searcher.settings(), "k": k},
+                                          "split": "test", "labels": "null" if null is not None else "gold",
+                                          **base}) as mst:
                 run_search(searcher, mst)
                 recs = [r for r in mst.records if "identity" in r]
             right = sum(bool(r["correct"]) for r in recs)
-            r = {"type": "row", "key": "mcts", "name": f"MCTS oracle (<= {k} blocks)", "kind": "ORACLE", "n": len(recs),
+            r = {"type": "row", "key": key, "name": name, "kind": kind, "n": len(recs),
                  "accuracy": right / len(recs), "ci95": list(wilson_interval(right, len(recs))),
                  "mean_blocks": sum(r["blocks"] for r in recs) / len(recs),
                  "cost": f"{args.mcts_simulations} simulations/sample, {time.perf_counter() - t0:.0f} s"}

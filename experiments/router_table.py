@@ -119,12 +119,16 @@ def router_actions(net, ex, tok, task, examples) -> torch.Tensor:
     return actions_of(counts)
 
 
-def oracle(ex, tok, task, args, label_settings, seed) -> tuple[list[dict], list]:
-    """MCTS with the label search's settings on the first test samples: per-sample records."""
+def oracle(ex, tok, task, args, label_settings, seed, null: bool = False) -> tuple[list[dict], list]:
+    """MCTS with the label search's settings on the first test samples: per-sample records (``null``: its
+    chance level, the same search toward a seeded random wrong option)."""
     obj = Objective.from_task(ex, tok, task, "test", args.oracle_limit, seed, budget=label_settings.get("budget"),
-                              lam=float(label_settings.get("lam") or 0.0), reward=label_settings.get("reward", "margin"))
+                              lam=float(label_settings.get("lam") or 0.0), reward=label_settings.get("reward", "margin"),
+                              null_seed=seed if null else None)
     cls = get_searcher("mcts")
-    searcher = cls(obj, cls.Config(simulations=args.oracle_simulations), seed=seed)
+    space = label_settings.get("space", "edit")
+    config = cls.Config(simulations=args.oracle_simulations, space="sequential" if space == "drllm" else space)
+    searcher = cls(obj, config, seed=seed)
     return list(searcher.search(searcher.units())), obj.examples
 
 
@@ -200,6 +204,11 @@ def main(argv=None) -> None:
         table.add(name, "MCTS ORACLE (reads labels; upper bound)", acc, len(records),
                   sum(len(c) for c in chains) / len(chains), note=f"{args.oracle_simulations} simulations, first "
                   f"{len(records)} test samples")
+        if task.kind == "choice":  # its chance level: the same search toward a random wrong option
+            nulls, _ = oracle(ex, tok, task, args, label_settings, args.seed, null=True)
+            table.add(name, "MCTS null labels (its chance level)", sum(bool(r["correct"]) for r in nulls) / len(nulls),
+                      len(nulls), sum(r["blocks"] for r in nulls) / len(nulls),
+                      note="the same search, each label a seeded random wrong option")
         for method, net in nets.items():
             got = router_actions(net, ex, tok, task, [examples[i] for i in in_order])
             table.add(name, f"{method}: agreement with oracle", agreement=float((got == want).float().mean()),
