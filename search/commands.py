@@ -11,7 +11,7 @@ import sys
 from layerroute.args import (SPLIT_CHOICES, _core_check, add_model_args, add_task_args, default_output, identity,
                              load, task_of, task_options)
 from layerroute.cli import Command, check_task_flags
-from layerroute.errors import InputError
+from layerroute.errors import InputError, LayerRouteError
 from layerroute.runs import run_header
 
 CALIB_LIMIT = VAL_LIMIT = 256  # as layerroute.search.baselines (a test keeps them equal)
@@ -63,7 +63,7 @@ def cmd_search(args) -> int:
     with ResultsStore(default_output(args, f"search-{cls.name}")) as store:  # the lock, before the model loads
         searcher = spec.build(task)
         summary, route = _search(args, cls, spec, searcher, store, task, on_ray)
-        print(search_summary(summary, route, store.path, len(searcher.objective), args.split))
+        print(search_summary(summary, route, store.path, len(searcher.objective), args.split, args.null))
     return 0
 
 
@@ -96,8 +96,9 @@ def _search(args, cls, spec, searcher, store, task, on_ray):
     return summary, route
 
 
-def search_summary(summary: dict, route, path, n: int, split: str) -> str:
-    """What a search found, in a few lines, and the files it wrote (the Pareto front's routes included)."""
+def search_summary(summary: dict, route, path, n: int, split: str, null: bool = False) -> str:
+    """What a search found, in a few lines, and the files it wrote (the Pareto front's routes included).
+    An oracle's figure comes with its chance level: the ``-null`` twin's, or how to get it."""
     folder = path.parent
     if route is not None:
         lines = [f"best route: {route.describe()}; mean reward {summary['reward']:.4f} on {n} {split}-split samples"]
@@ -108,13 +109,30 @@ def search_summary(summary: dict, route, path, n: int, split: str) -> str:
     else:
         lines = [f"{summary.get('label', 'per-sample search')}: {summary.get('samples', 0)} samples"]
         if summary.get("oracle_accuracy") is not None:
-            lines.append(f"  full model {100 * summary['identity_accuracy']:.1f}%, best route per sample "
+            which = "null labels (chance level)" if null else "ORACLE (upper bound)"
+            lines.append(f"  {which}: full model {100 * summary['identity_accuracy']:.1f}%, best route per sample "
                          f"{100 * summary['oracle_accuracy']:.1f}% at {summary['mean_best_blocks']:.2f} blocks")
+            if not null:
+                lines.append(_chance_line(folder))
         elif "mean_best_reward" in summary:
             lines.append(f"  mean best reward {summary['mean_best_reward']:.4f} at "
                          f"{summary['mean_best_blocks']:.2f} blocks")
         files = [path]
     return "\n".join(lines + [f"wrote {', '.join(map(str, files))}"])
+
+
+def _chance_line(folder: Path) -> str:
+    """The chance level beside an oracle's figure: its ``-null`` twin's, if searched, else how to get it."""
+    twin = folder.with_name(folder.name + "-null")
+    try:
+        from layerroute.store import read_store
+
+        done = read_store(twin)[1][-1]
+        return (f"  its chance level (null labels, {twin}): best route per sample "
+                f"{100 * done['oracle_accuracy']:.1f}% of {done['samples']}; compare with `layerroute analyze {folder}`")
+    except (LayerRouteError, OSError, LookupError, TypeError):  # no finished twin: say how to get one
+        return (f"  its chance level: run the same command with --null --output {twin}, then "
+                f"`layerroute analyze {folder}`")
 
 
 def build_search(p) -> None:

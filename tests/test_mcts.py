@@ -108,6 +108,8 @@ def _mcts_args(tiny_dir, out, *extra):
 def test_cli_resumes_refuses_other_settings_and_analyzes(tiny_dir, tmp_path, capsys):
     out = tmp_path / "m"
     assert main(_mcts_args(tiny_dir, out)) == 0
+    printed = capsys.readouterr().out  # an oracle figure never comes without (a way to) its chance level
+    assert "ORACLE (upper bound)" in printed and f"--null --output {tmp_path / 'm-null'}" in printed
     header, records = read_store(out)
     assert header["kind"] == "search:mcts" and header["settings"]["space"] == "edit"
     samples = [r for r in records if "identity" in r]
@@ -141,6 +143,9 @@ def test_cli_resumes_refuses_other_settings_and_analyzes(tiny_dir, tmp_path, cap
     assert "needs its chance level" in capsys.readouterr().err
     assert main(_mcts_args(tiny_dir, tmp_path / "m-null", "--null")) == 0
     null_header, null_records = read_store(tmp_path / "m-null")
+    assert "null labels (chance level)" in capsys.readouterr().out
+    assert main(_mcts_args(tiny_dir, out)) == 0  # finished: the twin's chance level is printed beside it
+    assert f"its chance level (null labels, {tmp_path / 'm-null'})" in capsys.readouterr().out
     assert null_header["labels"] == "null" and header["labels"] == "gold"
     assert main(["analyze", str(tmp_path / "m-null"), "--null", str(out)]) == 2  # a null store is no gold store
     assert "searched with --null" in capsys.readouterr().err
