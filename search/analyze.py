@@ -27,7 +27,7 @@ from layerroute.evaluation import mean_interval, newcombe_interval
 from layerroute.tables import pct, row, share
 from layerroute.store import atomic_write, read_store
 
-from .labels import check_pair, margin_gain, null_store_for, null_threshold, robust_layers
+from .labels import check_pair, margin_gain, null_store_for, null_threshold, null_twin, robust_layers
 
 ACTIONS = ("skip", "execute", "repeat")
 
@@ -54,8 +54,7 @@ def load_pair(store, null=None) -> tuple[dict, list[dict], list[dict]]:
     null = null or null_store_for(store)
     if null is None:
         raise AnalyzeError(f"an oracle figure needs its chance level: run the same search with --null --output "
-                           f"{Path(store).parent if Path(store).is_file() else store}-null, or give its store with "
-                           f"--null")
+                           f"{null_twin(store)}, or give its store with --null")
     null_header, nulls = load_mcts(null)
     check_pair(header, null_header, store, null)
     by_key = {r["key"]: r for r in nulls}

@@ -63,7 +63,7 @@ def cmd_search(args) -> int:
     with ResultsStore(default_output(args, f"search-{cls.name}")) as store:  # the lock, before the model loads
         searcher = spec.build(task)
         summary, route = _search(args, cls, spec, searcher, store, task, on_ray)
-        print(search_summary(summary, route, store.path, len(searcher.objective), args.split, args.null))
+        print(search_summary(summary, route, store.path, len(searcher.objective), args.split, store.header))
     return 0
 
 
@@ -96,9 +96,11 @@ def _search(args, cls, spec, searcher, store, task, on_ray):
     return summary, route
 
 
-def search_summary(summary: dict, route, path, n: int, split: str, null: bool = False) -> str:
+def search_summary(summary: dict, route, path, n: int, split: str, header: dict) -> str:
     """What a search found, in a few lines, and the files it wrote (the Pareto front's routes included).
-    An oracle's figure comes with its chance level: the ``-null`` twin's, or how to get it."""
+    An oracle's figure comes with its chance level: its null twin's, or how to get it."""
+    from .labels import is_null_store
+
     folder = path.parent
     if route is not None:
         lines = [f"best route: {route.describe()}; mean reward {summary['reward']:.4f} on {n} {split}-split samples"]
@@ -109,11 +111,12 @@ def search_summary(summary: dict, route, path, n: int, split: str, null: bool = 
     else:
         lines = [f"{summary.get('label', 'per-sample search')}: {summary.get('samples', 0)} samples"]
         if summary.get("oracle_accuracy") is not None:
+            null = is_null_store(header)
             which = "null labels (chance level)" if null else "ORACLE (upper bound)"
             lines.append(f"  {which}: full model {100 * summary['identity_accuracy']:.1f}%, best route per sample "
                          f"{100 * summary['oracle_accuracy']:.1f}% at {summary['mean_best_blocks']:.2f} blocks")
             if not null:
-                lines.append(_chance_line(folder))
+                lines.append(_chance_line(folder, header))
         elif "mean_best_reward" in summary:
             lines.append(f"  mean best reward {summary['mean_best_reward']:.4f} at "
                          f"{summary['mean_best_blocks']:.2f} blocks")
@@ -121,18 +124,22 @@ def search_summary(summary: dict, route, path, n: int, split: str, null: bool = 
     return "\n".join(lines + [f"wrote {', '.join(map(str, files))}"])
 
 
-def _chance_line(folder: Path) -> str:
-    """The chance level beside an oracle's figure: its ``-null`` twin's, if searched, else how to get it."""
-    twin = folder.with_name(folder.name + "-null")
-    try:
-        from layerroute.store import read_store
+def _chance_line(folder, header: dict) -> str:
+    """The chance level beside an oracle's figure: its null twin's (the same search with --null, as
+    ``analyze`` checks it), else how to get it."""
+    from .analyze import load_mcts
+    from .labels import check_pair, null_twin
 
-        done = read_store(twin)[1][-1]
-        return (f"  its chance level (null labels, {twin}): best route per sample "
-                f"{100 * done['oracle_accuracy']:.1f}% of {done['samples']}; compare with `layerroute analyze {folder}`")
-    except (LayerRouteError, OSError, LookupError, TypeError):  # no finished twin: say how to get one
+    twin = null_twin(folder)
+    try:
+        null_header, nulls = load_mcts(twin)
+        check_pair(header, null_header, folder, twin)
+    except (LayerRouteError, OSError):  # no twin, an unfinished one or another search's: say how to get one
         return (f"  its chance level: run the same command with --null --output {twin}, then "
                 f"`layerroute analyze {folder}`")
+    right = sum(bool(r["correct"]) for r in nulls)
+    return (f"  its chance level (null labels, {twin}): best route per sample {100 * right / len(nulls):.1f}% "
+            f"of {len(nulls)}; compare with `layerroute analyze {folder}`")
 
 
 def build_search(p) -> None:

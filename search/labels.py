@@ -47,11 +47,16 @@ def robust_layers(record: dict, threshold: float, num_layers: int) -> tuple[int,
     return tuple(range(num_layers))
 
 
-def null_store_for(path) -> Path | None:
-    """The conventional null companion of a store folder: ``DIR-null`` beside ``DIR``, if it exists."""
+def null_twin(path) -> Path:
+    """Where the null companion of a store (folder or file) lives: the folder ``DIR-null`` beside ``DIR``."""
     path = Path(path)
     folder = path.parent if path.is_file() else path
-    twin = folder.with_name(folder.name + "-null")
+    return folder.with_name(folder.name + "-null")
+
+
+def null_store_for(path) -> Path | None:
+    """The conventional null companion of a store folder, if it exists."""
+    twin = null_twin(path)
     return twin if twin.exists() else None
 
 
